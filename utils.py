@@ -1,0 +1,344 @@
+"""What train.py, chat.py and eval.py share: prompt templates, data readers, tokenization, model loading.
+
+Every reader raises DataError (bad data) or ModelLoadError (bad model folder) with a one-line message
+naming the file, the record and the field; the scripts print it and exit non-zero, with no traceback.
+"""
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("chatdoctor")
+
+IGNORE_INDEX = -100
+# The Stanford Alpaca templates, verbatim: ChatDoctor trains on them.
+PROMPT_DICT = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+# The instruction of every HealthCareMagic / iCliniq record and of the original chat prompt.
+CHATDOCTOR_INSTRUCTION = (
+    "If you are a doctor, please answer the medical questions based on the patient's description."
+)
+SAFETY_NOTICE = (
+    "ChatDoctor is a research model, not a doctor: its answers can be wrong or harmful. "
+    "Do not use them for medical decisions; see a qualified clinician."
+)
+SHARED_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+class DataError(ValueError):
+    """Bad training/eval data: the message names the file, the record and the field."""
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded: the message names the path and what is wrong."""
+
+
+def fail(message, code=2):
+    """The scripts' way out on bad input: one line on stderr, a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------- data readers
+
+def _read_text(path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a JSON or JSONL data file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+def _parse_json_records(path, text):
+    """A JSON list of objects, or JSONL (one object per line)."""
+    is_jsonl = str(path).endswith(".jsonl")
+    if not is_jsonl:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            first_line = text.lstrip().split("\n", 1)[0]
+            if not (first_line.startswith("{") and "\n" in text.strip()):
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+            is_jsonl = True  # a .json file holding JSON Lines
+        else:
+            if isinstance(data, dict):
+                raise DataError(f"{path}: top-level JSON object; expected a list of records (or JSONL)")
+            if not isinstance(data, list):
+                raise DataError(f"{path}: top-level JSON {type(data).__name__}; expected a list of records")
+            return data
+    records = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def _string_field(path, index, record, field, required=True):
+    if field not in record:
+        if required:
+            raise DataError(f"{path}: record {index}: missing field '{field}'")
+        return ""
+    value = record[field]
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{path}: record {index}: field '{field}' must be a string, got {kind}")
+    return value
+
+
+def normalize_record(path, index, record):
+    """One raw record (Alpaca, HealthCareMagic or iCliniq) -> {'instruction', 'input', 'output'}."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: record {index}: expected a JSON object, got {type(record).__name__}")
+    if "answer_icliniq" in record:  # iCliniq: the patient text is `input`, the doctor's answer `answer_icliniq`
+        return {
+            "instruction": CHATDOCTOR_INSTRUCTION,
+            "input": _string_field(path, index, record, "input"),
+            "output": _string_field(path, index, record, "answer_icliniq"),
+        }
+    if "instruction" not in record and "output" not in record:
+        raise DataError(
+            f"{path}: record {index}: unknown format (fields {sorted(record)[:6]}); expected Alpaca "
+            "('instruction', 'input', 'output') or iCliniq ('input', 'answer_icliniq')"
+        )
+    return {
+        "instruction": _string_field(path, index, record, "instruction"),
+        "input": _string_field(path, index, record, "input", required=False),
+        "output": _string_field(path, index, record, "output"),
+    }
+
+
+def load_records(path):
+    """All records of one Alpaca / HealthCareMagic / iCliniq file (JSON list or JSONL), validated."""
+    text = _read_text(path)
+    raw = _parse_json_records(path, text)
+    if not raw:
+        raise DataError(f"{path}: no records (empty list)")
+    return [normalize_record(path, i, r) for i, r in enumerate(raw)]
+
+
+def load_data(data_path):
+    """`--data_path`: one file or several, comma-separated; records concatenated in order."""
+    paths = [p.strip() for p in str(data_path).split(",") if p.strip()]
+    if not paths:
+        raise DataError("--data_path is empty")
+    records = []
+    for path in paths:
+        records.extend(load_records(path))
+    return records
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def build_prompt(record):
+    """The Alpaca prompt for one record: the with-input template only when input is non-empty."""
+    template = PROMPT_DICT["prompt_input"] if record.get("input", "") != "" else PROMPT_DICT["prompt_no_input"]
+    return template.format_map(record)
+
+
+def tokenize_supervised(records, tokenizer, max_length):
+    """Records -> [{'input_ids', 'labels'}], loss only on the response (which ends in EOS).
+
+    One batched pass over prompt+response; the prompt length is the number of tokens that start inside
+    the prompt, which reproduces the original two-pass Alpaca labels on every untruncated record.
+    Records whose response is cut away entirely by `max_length` are dropped (all-masked labels give NaN).
+    """
+    prompts = [build_prompt(r) for r in records]
+    texts = [p + r["output"] + tokenizer.eos_token for p, r in zip(prompts, records)]
+    encoded = tokenizer(
+        texts, max_length=max_length, truncation=True, return_offsets_mapping=True, return_attention_mask=False
+    )
+    examples, dropped = [], 0
+    for prompt, ids, offsets in zip(prompts, encoded["input_ids"], encoded["offset_mapping"]):
+        prompt_len = sum(1 for start, _ in offsets if start < len(prompt))
+        if prompt_len >= len(ids):
+            dropped += 1
+            continue
+        examples.append({"input_ids": list(ids), "labels": [IGNORE_INDEX] * prompt_len + list(ids[prompt_len:])})
+    if dropped:
+        logger.warning(f"dropped {dropped} of {len(records)} records: prompt fills all {max_length} tokens")
+    return examples
+
+
+def tokenizer_fingerprint(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((text + str(tokenizer.eos_token)).encode()).hexdigest()
+
+
+def tokenization_cache_key(records, tokenizer, max_length):
+    h = hashlib.sha256()
+    h.update(json.dumps(records, ensure_ascii=False).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(json.dumps(PROMPT_DICT).encode())
+    h.update(f"max_length={max_length};v1".encode())
+    return h.hexdigest()[:24]
+
+
+def _save_examples(path, examples):
+    lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+    ids = np.concatenate([e["input_ids"] for e in examples]).astype(np.int32)
+    labels = np.concatenate([e["labels"] for e in examples]).astype(np.int32)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, lengths=lengths, input_ids=ids, labels=labels)
+    os.replace(tmp, path)  # readers never see a half-written cache
+
+
+def _load_examples(path):
+    with np.load(path) as z:
+        bounds = np.concatenate([[0], np.cumsum(z["lengths"])])
+        ids, labels = z["input_ids"].tolist(), z["labels"].tolist()
+    return [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def tokenize_cached(records, tokenizer, max_length, cache_dir):
+    """tokenize_supervised, cached on disk by data, tokenizer, template and length."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"tokenized-{tokenization_cache_key(records, tokenizer, max_length)}.npz"
+    if path.exists():
+        logger.info(f"tokenized data from cache {path}")
+        return _load_examples(path)
+    examples = tokenize_supervised(records, tokenizer, max_length)
+    if not examples:
+        raise DataError(f"no usable records: every prompt is longer than model_max_length={max_length}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _save_examples(path, examples)
+    logger.info(f"tokenized {len(examples)} records, cached in {path}")
+    return examples
+
+
+def collate_padded(examples, pad_token_id):
+    """Right-pad a batch. The attention mask comes from the lengths, not from pad ids: many tokenizers
+    (SmolLM2's among them) use EOS as PAD, and masking by id would hide the EOS the model must learn."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------- models
+
+def _looks_like_hub_id(name):
+    return not os.path.isabs(name) and not name.startswith((".", "~")) and name.count("/") == 1
+
+
+def check_model_path(path):
+    """A local model folder must hold a config and tokenizer files; a hub id ('org/name') is passed on."""
+    path = str(path)
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return
+    if not p.exists():
+        if _looks_like_hub_id(path):
+            return
+        raise ModelLoadError(f"{path}: model folder not found")
+    if not p.is_dir():
+        raise ModelLoadError(f"{path}: not a model folder (expected a directory with config.json)")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{path}: no config.json, not a Hugging Face model folder")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((p / f).is_file() for f in tokenizer_files):
+        raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ModelLoadError(f"{path}: no weights (*.safetensors)")
+
+
+def load_tokenizer(path, trust_remote_code=False, **kwargs):
+    from transformers import AutoTokenizer
+
+    check_model_path(path)
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        kwargs["gguf_file"] = p.name
+        path = str(p.parent)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as e:  # transformers raises many kinds, some with multi-line text
+        raise ModelLoadError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
+
+
+def load_model(path, dtype=None, trust_remote_code=False, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(path)
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        kwargs["gguf_file"] = p.name
+        path = str(p.parent)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load model ({_first_line(e)})") from None
+
+
+def load_model_and_tokenizer(path, dtype=None, trust_remote_code=False):
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def ensure_pad_token(tokenizer, model, pad_token="[PAD]"):
+    """Give a tokenizer without PAD one, as the original does: a new token whose input and output
+    embeddings are the mean of the existing ones. BOS/EOS stay the model's own."""
+    if tokenizer.pad_token is not None:
+        return False
+    import torch
+
+    tokenizer.add_special_tokens({"pad_token": pad_token})
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new = len(tokenizer) - old
+    if new > 0:
+        with torch.no_grad():
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if embedding is not None:
+                    embedding.weight[-new:] = embedding.weight[:-new].mean(dim=0, keepdim=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info(f"tokenizer had no pad token: added {pad_token!r} (id {tokenizer.pad_token_id}), mean-initialised")
+    return True
