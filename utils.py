@@ -190,7 +190,12 @@ def tokenize_supervised(records, tokenizer, max_length):
 
 def tokenizer_fingerprint(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None), state.pop("padding", None)  # per-call settings, not the tokenizer
+        text = json.dumps(state, sort_keys=True)
+    else:
+        text = repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256((text + str(tokenizer.eos_token)).encode()).hexdigest()
 
 

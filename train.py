@@ -1,0 +1,216 @@
+"""ChatDoctor supervised fine-tuning: the Alpaca recipe with HF Trainer, loss only on the response.
+
+One process (CPU or one GPU):
+    python train.py --model_name_or_path models/SmolLM2-135M-Instruct --data_path alpaca_data.json --output_dir models/stage1
+The paper's command on a GPU node (runs verbatim; legacy flags are mapped, see LEGACY_FLAGS):
+    torchrun --nproc_per_node=4 --master_port=29500 train.py --model_name_or_path <llama> \
+        --data_path ./HealthCareMagic-200k.json --bf16 True --output_dir pretrained --num_train_epochs 3 \
+        --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --gradient_accumulation_steps 8 \
+        --evaluation_strategy "no" --save_strategy "steps" --save_steps 2000 --save_total_limit 1 \
+        --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type "cosine" \
+        --logging_steps 1 --fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap 'LLaMADecoderLayer' --tf32 True
+The two stages of the paper are two runs: Alpaca data first, then the medical conversations from the
+stage-1 output (`make recipe`). `--data_path` takes one or more comma-separated files.
+"""
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # batched tokenization is parallel in Rust
+
+import torch
+import transformers
+from transformers import DataCollatorWithFlattening, HfArgumentParser, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+import utils
+from utils import DataError, ModelLoadError, logger
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="models/SmolLM2-135M-Instruct")
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off: safer)."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default="data/genmedgpt_train.json", metadata={"help": "File(s), comma-separated."})
+    cache_dir: str = field(default=".cache/tokenized", metadata={"help": "Where tokenized data is cached."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=512, metadata={"help": "Sequences are truncated to this many tokens."})
+    optim: str = field(default="adamw_torch")
+    packing: bool = field(default=False, metadata={"help": "Padding-free batches: examples concatenated in one row."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh instead of resuming."})
+    # Flags of the 2023 command that transformers 5 no longer knows; mapped in __post_init__.
+    evaluation_strategy: Optional[str] = field(default=None, metadata={"help": "Legacy: --eval_strategy."})
+    warmup_ratio: Optional[float] = field(default=None, metadata={"help": "Legacy: --warmup_steps <fraction>."})
+    fsdp_transformer_layer_cls_to_wrap: Optional[str] = field(default=None, metadata={"help": "Legacy: wrap class."})
+    group_by_length: bool = field(default=False, metadata={"help": "Legacy: --train_sampling_strategy group_by_length."})
+
+    def __post_init__(self):
+        map_legacy_flags(self)
+        adapt_to_hardware(self)
+        super().__post_init__()
+
+
+def map_legacy_flags(args):
+    if args.evaluation_strategy is not None:
+        args.eval_strategy = args.evaluation_strategy
+        logger.info(f"legacy flag: --evaluation_strategy {args.evaluation_strategy} -> --eval_strategy")
+    if args.warmup_ratio is not None:
+        args.warmup_steps = args.warmup_ratio  # transformers 5 reads a float below 1 as a ratio
+        logger.info(f"legacy flag: --warmup_ratio {args.warmup_ratio} -> --warmup_steps {args.warmup_ratio}")
+    if args.group_by_length:
+        args.train_sampling_strategy = "group_by_length"
+        logger.info("legacy flag: --group_by_length -> --train_sampling_strategy group_by_length")
+
+
+def adapt_to_hardware(args):
+    """The paper's GPU flags on a machine without CUDA or torchrun: change what must change, and say so."""
+    distributed = "LOCAL_RANK" in os.environ
+    if args.fsdp and not distributed:
+        args.fsdp = ""
+        logger.info("not launched by torchrun: --fsdp dropped (FSDP shards across processes)")
+    if torch.cuda.is_available():
+        return
+    if args.fsdp:
+        args.fsdp = ""
+        logger.info("no CUDA: --fsdp dropped, DDP runs instead (accelerate runs FSDP only on GPUs)")
+    if args.tf32:
+        args.tf32 = None
+        logger.info("no CUDA: --tf32 dropped (TF32 is an Ampere GPU feature)")
+    if not args.use_cpu:
+        args.use_cpu = True  # without it, CPU ranks under torchrun silently train unlinked
+        logger.info("no CUDA: training on CPU (use_cpu=True)" + (", bf16 as CPU autocast" if args.bf16 else ""))
+    if distributed and args.ddp_backend is None:
+        args.ddp_backend = "gloo"
+        logger.info("no CUDA: distributed backend gloo")
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False
+
+
+def resolve_wrap_class(requested, model):
+    """FSDP wrap class names that exist in this model. The 2023 name 'LLaMADecoderLayer' (and any
+    other spelling of a class the model has) maps to the real class; no request means the model's own."""
+    own = list(model._no_split_modules or [])
+    if not requested:
+        return own
+    present = {type(m).__name__ for m in model.modules()}
+    by_lower = {name.lower(): name for name in present}
+    resolved = []
+    for name in requested.replace(",", " ").split():
+        if name in present:
+            resolved.append(name)
+        elif name.lower() in by_lower:
+            resolved.append(by_lower[name.lower()])
+            logger.info(f"FSDP wrap class {name} -> {by_lower[name.lower()]}")
+        else:
+            logger.info(f"FSDP wrap class {name} is not in {type(model).__name__}; wrapping {own}")
+            return own
+    return resolved
+
+
+def configure_fsdp(args, model):
+    if not args.fsdp:
+        return
+    wrap = resolve_wrap_class(args.fsdp_transformer_layer_cls_to_wrap, model)
+    args.fsdp_config["transformer_layer_cls_to_wrap"] = wrap
+    if args.fsdp_plugin_args is not None:
+        args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(wrap)
+
+
+def describe_strategy(trainer):
+    args = trainer.args
+    if trainer.is_fsdp_enabled:
+        return f"FSDP over {args.world_size} GPUs, wrapping {args.fsdp_config.get('transformer_layer_cls_to_wrap')}"
+    ddp = f"DDP over {args.world_size} {'GPU' if torch.cuda.is_available() else 'CPU'} processes ({args.ddp_backend or 'nccl'})"
+    return ddp if args.world_size > 1 else f"single process on {args.device}"
+
+
+def tokenize(records, data_args, training_args, tokenizer):
+    with training_args.main_process_first(desc="tokenizing"):  # rank 0 tokenizes; the others read its cache
+        examples = utils.tokenize_cached(records, tokenizer, training_args.model_max_length, data_args.cache_dir)
+    logger.info(f"{len(examples)} training examples from {data_args.data_path}")
+    return examples
+
+
+def make_collator(training_args, tokenizer):
+    if training_args.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=utils.IGNORE_INDEX)
+    return partial(utils.collate_padded, pad_token_id=tokenizer.pad_token_id)
+
+
+def find_resume_checkpoint(args):
+    """Re-running a killed command continues from its latest checkpoint."""
+    if args.resume_from_checkpoint or args.overwrite_output_dir or not os.path.isdir(args.output_dir):
+        return args.resume_from_checkpoint
+    last = get_last_checkpoint(args.output_dir)
+    if last:
+        logger.info(f"resuming from {last}")
+    return last
+
+
+def save_final_model(trainer, tokenizer, output_dir):
+    """Full state dict (gathered under FSDP) as safetensors, plus tokenizer and generation config, so
+    plain AutoModelForCausalLM.from_pretrained loads it and generate() stops at the trained EOS."""
+    model = trainer.model
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        trainer.save_state()
+        from plot_loss import save_loss_plot
+
+        save_loss_plot(trainer.state.log_history, Path(output_dir) / "loss.png")
+
+
+def train(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    utils.check_model_path(model_args.model_name_or_path)
+    records = utils.load_data(data_args.data_path)  # every record checked before anything expensive
+    tokenizer = utils.load_tokenizer(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
+        model_max_length=training_args.model_max_length, padding_side="right",
+    )
+    train_dataset = tokenize(records, data_args, training_args, tokenizer)
+    # fp32 master weights as in the paper; --bf16 is mixed precision (autocast / FSDP mixed precision)
+    model = utils.load_model(
+        model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code
+    )
+    utils.ensure_pad_token(tokenizer, model)
+    configure_fsdp(training_args, model)
+
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_dataset,
+        data_collator=make_collator(training_args, tokenizer), processing_class=tokenizer,
+    )
+    logger.info(f"strategy: {describe_strategy(trainer)}")
+    trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+    save_final_model(trainer, tokenizer, training_args.output_dir)
+    logger.info(f"saved {training_args.output_dir}")
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        logger.setLevel(logging.WARNING)
+    try:
+        train(argv)
+    except (DataError, ModelLoadError) as e:
+        utils.fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
