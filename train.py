@@ -169,14 +169,21 @@ def save_final_model(trainer, tokenizer, output_dir):
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         trainer.save_state()
+        # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
+        (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+        (Path(output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
         from plot_loss import save_loss_plot
 
         save_loss_plot(trainer.state.log_history, Path(output_dir) / "loss.png")
 
 
-def train(argv=None):
+def parse_args(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def train(argv=None):
+    model_args, data_args, training_args = parse_args(argv)
 
     utils.check_model_path(model_args.model_name_or_path)
     records = utils.load_data(data_args.data_path)  # every record checked before anything expensive
@@ -200,6 +207,7 @@ def train(argv=None):
     trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
     save_final_model(trainer, tokenizer, training_args.output_dir)
     logger.info(f"saved {training_args.output_dir}")
+    return trainer
 
 
 def main(argv=None):
@@ -207,7 +215,7 @@ def main(argv=None):
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         logger.setLevel(logging.WARNING)
     try:
-        train(argv)
+        return train(argv)
     except (DataError, ModelLoadError) as e:
         utils.fail(str(e))
 
