@@ -1,0 +1,530 @@
+"""ChatDoctor in the terminal: a doctor dialogue with a fine-tuned causal language model.
+
+    python chat.py                                           # ./pretrained, interactive
+    python chat.py --model_path models/SmolLM2-135M-Instruct # any local Hugging Face causal-LM folder
+    python chat.py --prompt "I have a rash and a fever"      # one answer, only the answer on stdout
+    printf 'first question\\nsecond question\\n' | python chat.py  # one turn per line, one answer each
+    python chat.py --greedy --prompt_style chatdoctor        # deterministic, the original prompt text
+
+In the dialogue: /reset starts a new conversation, /help lists the commands, /exit (or Ctrl-D) quits.
+Ctrl-C stops an answer; at the prompt it quits.
+"""
+import argparse
+import importlib.util
+import os
+import re
+import sys
+
+from utils import (CHATDOCTOR_INSTRUCTION, SAFETY_NOTICE, ModelLoadError, _first_line, build_prompt, fail, load_model,
+                   load_tokenizer)
+
+PATIENT = "Patient"
+DOCTOR = "ChatDoctor"
+GREETING = "I am ChatDoctor, what medical questions do you have?"
+# A model that goes on to write the patient's next line has finished its answer; that line is never shown.
+STOP_STRINGS = ("Patient:",)
+# Measured on held-out GenMedGPT with the embedded default (bench/bench_chat.py --styles, docs/BENCHMARKS.md):
+# the Alpaca template the model is trained with scores higher than the original chat prompt.
+DEFAULT_PROMPT_STYLE = "alpaca"
+
+# Emergency signs: (what it is, patterns that must ALL appear somewhere in the message).
+# Matching is case-insensitive and deliberately generous: a needless notice costs a line, a missed one more.
+CHEST_PAIN = r"chest (pain|tightness|pressure|hurts)|pain in (my|the|his|her) chest|crushing pain"
+BREATHLESS = r"short(ness)? of breath|breathless|can'?not breathe|can'?t (breathe|catch my breath)|(difficulty|trouble|struggling) breathing"
+RED_FLAGS = [
+    ("chest pain with breathlessness", (CHEST_PAIN, BREATHLESS)),
+    ("chest pain spreading to the arm, jaw or back", (CHEST_PAIN, r"\b(arm|jaw|back|neck)\b")),
+    ("signs of a stroke", (r"fac(e|ial) (is )?droop|droop(y|ing) (face|mouth)|slurred speech|can'?t (speak|talk) properly"
+                           r"|sudden (weakness|numbness|confusion)|one side of (my|his|her|the) (body|face)",)),
+    ("suicidal thoughts", (r"suicid|kill (myself|himself|herself)|end (my|his|her) life|want to die|self[- ]harm"
+                           r"|hurt(ing)? myself|no reason to live",)),
+    ("severe bleeding", (r"(heavy|severe|uncontrolled|massive|profuse) bleeding|bleeding (heavily|profusely|a lot)"
+                         r"|bleeding (that )?(won'?t|will not|doesn'?t) stop|(vomiting|coughing up|throwing up) blood",)),
+    ("anaphylaxis", (r"anaphyla|throat (is )?(swelling|closing|tight)|swollen (throat|tongue)|tongue (is )?swelling"
+                     r"|(allergic reaction|allergy|bee sting|peanut).*(breath|swell)",)),
+    ("unconsciousness or a seizure", (r"unconscious|unresponsive|not breathing|stopped breathing|passed out"
+                                      r"|seizure|convulsion|fitting",)),
+    ("poisoning or overdose", (r"overdose|poison|swallowed (bleach|pills)|took too many (pills|tablets)",)),
+    ("sudden worst-ever headache", (r"worst headache|thunderclap|sudden (severe|terrible|excruciating) headache",)),
+]
+EMERGENCY_NOTICE = (
+    "! This may be an emergency ({signs}). Call your local emergency number (112 / 911 / 999) "
+    "or go to the nearest emergency department now; do not wait for this chat."
+)
+HELP = """Commands:
+  /reset   start a new conversation (forget the history)
+  /help    show this help
+  /exit    quit (also Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C while ChatDoctor answers stops that answer; the exchange is then forgotten.
+Anything else is your message to ChatDoctor."""
+
+
+# ----------------------------------------------------------------------------- prompt building
+
+def render_turns(turns):
+    return "\n\n".join(f"{role}: {text}" for role, text in turns)
+
+
+def build_chat_prompt(turns, style):
+    """The model's prompt for a dialogue `turns` [(role, text)], ending with the patient's newest turn.
+
+    chatdoctor: the original chat.py text, greeting included. alpaca: the training template; a single
+    question is exactly a training record, a longer dialogue goes into the input as a transcript.
+    """
+    if style == "chatdoctor":
+        history = render_turns([(DOCTOR, GREETING)] + list(turns))
+        return f"{CHATDOCTOR_INSTRUCTION} \n\n{history}\n\n{DOCTOR}: "
+    dialogue = turns[0][1] if len(turns) == 1 else render_turns(turns)
+    return build_prompt({"instruction": CHATDOCTOR_INSTRUCTION, "input": dialogue})
+
+
+def next_turn_prefix(turns, style):
+    """The text every prompt of the next turn starts with: what the KV cache can hold while the patient types."""
+    marker = "\x00"
+    return build_chat_prompt(list(turns) + [(PATIENT, marker)], style).split(marker)[0]
+
+
+# ----------------------------------------------------------------------------- history trimming
+
+def fit_history(turns, style, count_tokens, budget):
+    """Drop the oldest exchanges until the prompt fits `budget` tokens; cut an over-long newest message.
+
+    `turns` alternate Patient / ChatDoctor and end with the newest patient message, which always stays,
+    as do the instruction (and greeting). Returns (kept turns, notice or None).
+    """
+    start = 0
+    while start < len(turns) - 1 and count_tokens(build_chat_prompt(turns[start:], style)) > budget:
+        start += 2  # a whole exchange, so that the dialogue still starts with the patient
+    kept = list(turns[start:])
+    overflow = count_tokens(build_chat_prompt(kept, style)) - budget
+    if overflow <= 0:
+        return kept, None
+    role, message = kept[-1]
+    message_tokens = count_tokens(message)
+    keep = message_tokens - overflow
+    if keep < 1:
+        return [], f"the instruction alone fills the {budget}-token budget; lower --max_new_tokens"
+    while keep > 0:
+        cut = cut_to_tokens(message, keep, count_tokens)
+        if count_tokens(build_chat_prompt([(role, cut)], style)) <= budget:
+            break
+        keep -= max(1, keep // 50)
+    notice = f"your message is too long for the model's context: only its first {keep} of {message_tokens} tokens are used"
+    return [(role, cut)], notice
+
+
+def cut_to_tokens(text, n_tokens, count_tokens):
+    """The longest prefix of `text` (cut at a character) that has at most `n_tokens` tokens."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count_tokens(text[:mid]) <= n_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low]
+
+
+# ----------------------------------------------------------------------------- stop handling
+
+def visible_answer(text):
+    """(what of the generated `text` may be shown now, whether a stop string was reached).
+
+    The answer is cut before a stop string; while the text might still become one ("...Pat"), and while
+    it ends in whitespace (which a stop or the end would strip), that tail is held back.
+    """
+    text = text.lstrip()
+    for stop in STOP_STRINGS:
+        at = text.find(stop)
+        if at >= 0:
+            return text[:at].rstrip(), True
+    held = 0
+    for stop in STOP_STRINGS:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                held = max(held, n)
+                break
+    text = text[: len(text) - held].rstrip("\ufffd")  # \ufffd: an unfinished multi-byte character
+    return text.rstrip(), False
+
+
+# ----------------------------------------------------------------------------- safety
+
+def red_flags(message):
+    """The names of the emergency signs in RED_FLAGS that `message` mentions."""
+    text = message.lower()
+    return [name for name, patterns in RED_FLAGS if all(re.search(p, text) for p in patterns)]
+
+
+def emergency_notice(message):
+    found = red_flags(message)
+    return EMERGENCY_NOTICE.format(signs="; ".join(found)) if found else None
+
+
+# ----------------------------------------------------------------------------- device and model
+
+def available_devices():
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def pick_device(requested, available):
+    """'auto' -> cuda, else mps, else cpu. An explicit device must exist here."""
+    if requested == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if d in available)
+    if requested.split(":")[0] not in available:
+        raise ModelLoadError(f"--device {requested}: not available here (available: {', '.join(available)})")
+    return requested
+
+
+def pick_dtype(requested, device, bf16_supported=False):
+    """'auto' -> bfloat16 on CUDA that has it, float16 on other GPUs, float32 on CPU."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16" if bf16_supported else "float16"
+    return "float16" if device == "mps" else "float32"
+
+
+def quantization_config(args, device):
+    """bitsandbytes 8/4-bit settings for --load_in_8bit / --load_in_4bit (CUDA only), else None."""
+    if not (args.load_in_8bit or args.load_in_4bit):
+        return None
+    flag = "--load_in_8bit" if args.load_in_8bit else "--load_in_4bit"
+    if not device.startswith("cuda"):
+        raise ModelLoadError(f"{flag} needs a CUDA GPU (bitsandbytes); this run is on {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"{flag} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
+
+
+def load_chat_model(args):
+    """(model, tokenizer, device, dtype name) for the parsed arguments; ModelLoadError on any problem."""
+    import torch
+
+    device = pick_device(args.device, available_devices())
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    dtype = pick_dtype(args.dtype, device, bf16)
+    quantization = quantization_config(args, device)
+    tokenizer = load_tokenizer(args.model_path)
+    if quantization is not None:
+        model = load_model(args.model_path, dtype=getattr(torch, dtype), quantization_config=quantization,
+                           device_map={"": device})
+    else:
+        model = load_model(args.model_path, dtype=getattr(torch, dtype)).to(device)
+    model.eval()
+    return model, tokenizer, device, dtype
+
+
+def context_window(model, tokenizer):
+    sizes = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    sizes = [s for s in sizes if isinstance(s, int) and 0 < s < 1_000_000]
+    return min(sizes) if sizes else 2048
+
+
+# ----------------------------------------------------------------------------- generation
+
+class AnswerStreamer:
+    """Receives tokens from generate(), shows the answer as it grows (nothing past a stop string),
+    and tells the stopping criterion when a stop string has appeared."""
+
+    def __init__(self, tokenizer, on_text=None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids, self.shown, self.stopped, self.prompt_seen = [], "", False, False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        visible, self.stopped = visible_answer(text)
+        if visible.startswith(self.shown) and len(visible) > len(self.shown):
+            if self.on_text is not None:
+                self.on_text(visible[len(self.shown):])
+            self.shown = visible
+
+    def end(self):
+        pass
+
+    def __call__(self, input_ids, scores, **kwargs):  # as a StoppingCriteria
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
+def common_prefix_length(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Chat:
+    """One conversation: its history, and a KV cache that holds the tokens all later prompts start with.
+
+    Each turn the cache is cut back to the longest prefix it shares with the new prompt and only the rest
+    is encoded; after an answer the next turn's fixed prefix is encoded at once, so that the next turn
+    only has to encode the patient's new message (reuse_cache=False re-encodes everything, for comparison).
+    """
+
+    def __init__(self, model, tokenizer, style=DEFAULT_PROMPT_STYLE, generation=None, context=None,
+                 reuse_cache=True):
+        self.model, self.tokenizer, self.style = model, tokenizer, style
+        self.generation = dict(generation or {"do_sample": False})
+        self.max_new_tokens = self.generation.pop("max_new_tokens", 200)
+        self.context = context or context_window(model, tokenizer)
+        self.budget = self.context - self.max_new_tokens
+        if self.budget < 16:
+            raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room in the "
+                             f"{self.context}-token context window")
+        if self.count_tokens(build_chat_prompt([(PATIENT, "")], style)) >= self.budget:
+            raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in the "
+                             f"{self.context}-token context window")
+        self.reuse_cache = reuse_cache
+        self.turns = []
+        self.reset()
+
+    def reset(self):
+        self.turns = []
+        self.drop_cache()
+
+    def drop_cache(self):
+        self.cache, self.cached_ids = None, []
+
+    def count_tokens(self, text):
+        return len(self.tokenizer(text)["input_ids"])
+
+    def encode(self, text):
+        return self.tokenizer(text)["input_ids"]
+
+    def respond(self, message, on_text=None, on_notice=None):
+        """Generate the answer to `message`, streaming it to on_text(chunk); returns the stripped answer."""
+        turns, notice = fit_history(self.turns + [(PATIENT, message)], self.style, self.count_tokens, self.budget)
+        if not turns:
+            raise ValueError(notice)
+        if notice and on_notice is not None:
+            on_notice(notice)
+        ids = self.encode(build_chat_prompt(turns, self.style))
+        if not self.reuse_cache:
+            self.drop_cache()
+        try:
+            answer = self.generate(ids, on_text)
+        except BaseException:  # Ctrl-C mid-step can leave layers of the cache at different lengths
+            self.drop_cache()
+            raise
+        self.turns = turns + [(DOCTOR, answer)]
+        if self.reuse_cache:
+            self.fill_cache(self.encode(next_turn_prefix(self.turns, self.style)))
+        return answer
+
+    def respond_all(self, messages):
+        return [self.respond(m) for m in messages]
+
+    def generate(self, ids, on_text):
+        import torch
+
+        self.fill_cache(ids[:-1])  # generate() then encodes only the last prompt token
+        streamer = AnswerStreamer(self.tokenizer, on_text)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        eos = [t for t in {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id} if t is not None]
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), cache=self.cache, streamer=streamer,
+                stopping_criteria=[streamer], max_new_tokens=min(self.max_new_tokens, self.context - len(ids)),
+                eos_token_id=eos, pad_token_id=self.pad_token_id(eos), **self.generation,
+            )
+        self.cached_ids = output[0, : self.cache.get_seq_length()].tolist()
+        text = self.tokenizer.decode(streamer.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return visible_answer(text + "\n")[0]  # "\n": nothing is held back any more
+
+    def pad_token_id(self, eos):
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else eos[0]
+
+    def fill_cache(self, ids):
+        """Make the cache hold exactly `ids`, encoding only what it does not already hold."""
+        import torch
+        from transformers import DynamicCache
+
+        keep = common_prefix_length(self.cached_ids, ids)
+        if self.cache is None or keep == 0:
+            self.cache, self.cached_ids, keep = DynamicCache(config=self.model.config), [], 0
+        elif keep < self.cache.get_seq_length():
+            self.cache.crop(keep - self.cache.get_seq_length())
+        new = ids[keep:]
+        if new:
+            with torch.no_grad():
+                self.model(input_ids=torch.tensor([new], device=self.model.device), cache=self.cache,
+                           use_cache=True, logits_to_keep=1)
+        self.cached_ids = list(ids)
+
+
+# ----------------------------------------------------------------------------- the three ways to talk
+
+def say(text, stream):
+    print(text, file=stream, flush=True)
+
+
+def stream_to(stream):
+    return lambda chunk: print(chunk, end="", file=stream, flush=True)
+
+
+def answer_once(chat, message, out, info):
+    """Notice (if any) on `info`, the streamed answer on `out`."""
+    notice = emergency_notice(message)
+    if notice:
+        say(notice, info)
+    chat.respond(message, on_text=stream_to(out), on_notice=lambda n: say(f"({n})", info))
+
+
+def run_interactive(chat):
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    say(f"{DOCTOR}: {GREETING}", sys.stdout)
+    while True:
+        try:
+            line = input(f"{PATIENT}: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/help":
+            say(HELP, sys.stdout)
+            continue
+        if command == "/reset":
+            chat.reset()
+            say(f"(new conversation)\n{DOCTOR}: {GREETING}", sys.stdout)
+            continue
+        if command.startswith("/") and " " not in command:
+            say(f"unknown command {command}; /help lists the commands", sys.stdout)
+            continue
+        print()
+        try:
+            notice = emergency_notice(line)
+            if notice:
+                say(notice, sys.stdout)
+            print(f"{DOCTOR}: ", end="", flush=True)
+            chat.respond(line.strip(), on_text=stream_to(sys.stdout), on_notice=lambda n: say(f"({n})", sys.stdout))
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print("\n")
+
+
+def run_lines(chat, lines):
+    """Piped stdin: each non-empty line is a patient turn of one conversation; each answer on its own line."""
+    for line in lines:
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            chat.reset()
+            continue
+        answer_once(chat, message, sys.stdout, sys.stderr)
+        print(flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Talk to ChatDoctor in the terminal.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", default="./pretrained", help="local Hugging Face causal-LM folder")
+    p.add_argument("--prompt", help="answer this one message, print only the answer, and exit")
+    p.add_argument("--prompt_style", choices=("chatdoctor", "alpaca"), default=DEFAULT_PROMPT_STYLE,
+                   help="chatdoctor: the original chat prompt; alpaca: the training template")
+    g = p.add_argument_group("generation (sampling defaults are the original chat.py's)")
+    g.add_argument("--temperature", type=float, default=0.5)
+    g.add_argument("--top_k", type=int, default=50)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--repetition_penalty", type=float, default=1.1)
+    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    g.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    h.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    q = h.add_mutually_exclusive_group()
+    q.add_argument("--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA)")
+    q.add_argument("--load_in_4bit", action="store_true", help="4-bit weights via bitsandbytes (CUDA)")
+    args = p.parse_args(argv)
+    if args.temperature <= 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        p.error("need --temperature > 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be at least 1")
+    return args
+
+
+def generation_settings(args):
+    settings = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
+    if args.greedy:
+        return {**settings, "do_sample": False}
+    return {**settings, "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def quiet_libraries():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    interactive = args.prompt is None and sys.stdin.isatty()
+    info = sys.stdout if interactive else sys.stderr  # one-shot and piped runs keep stdout for answers
+    try:
+        quiet_libraries()
+        say(f"Loading {args.model_path} ...", info)
+        model, tokenizer, device, dtype = load_chat_model(args)
+        if args.seed is not None:
+            from transformers import set_seed
+
+            set_seed(args.seed)
+        chat = Chat(model, tokenizer, args.prompt_style, generation_settings(args))
+        say(f"[{args.model_path} · {device} {dtype} · prompt {args.prompt_style}] {SAFETY_NOTICE}", info)
+        if args.prompt is not None:
+            return run_lines(chat, [args.prompt.replace("\n", " ")])
+        if not interactive:
+            return run_lines(chat, sys.stdin)
+        return run_interactive(chat)
+    except ModelLoadError as e:
+        hint = " (train one with train.py, or pass --model_path)" if "not found" in str(e) else ""
+        fail(f"{e}{hint}")
+    except ValueError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(file=info)
+        return 130
+    except BrokenPipeError:  # e.g. `python chat.py < questions.txt | head -1`
+        sys.stderr.close()
+        return 0
+    except Exception as e:  # never a traceback: one line that says what broke
+        fail(f"{type(e).__name__}: {_first_line(e)}", code=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
