@@ -58,6 +58,9 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         map_legacy_flags(self)
         adapt_to_hardware(self)
+        if self.packing and self.use_cache:  # a KV cache turns off the per-example mask of a packed row
+            self.use_cache = False
+            logger.info("--packing: use_cache off (packed examples would attend to each other)")
         super().__post_init__()
 
 
