@@ -303,9 +303,10 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
     torch.manual_seed(0)
     output_dir = Path(output_dir)
     model, tokenizer = load_model_and_tokenizer(model_path)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate")
-    generate_s = time.perf_counter() - start
+    generate_s, generate_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    new_tokens = sum(len(ids) for ids in tokenizer(predictions, add_special_tokens=False)["input_ids"])
     del model
     rows, metrics = score(records, predictions, matcher, encoder, bertscore_encoder)
     for row, index in zip(rows, indices if indices is not None else range(len(rows))):
@@ -313,6 +314,8 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
     metrics.update({
         "model_path": str(model_path),
         "generate_seconds": round(generate_s, 1),
+        "generate_cpu_seconds": round(generate_cpu_s, 1),  # all threads; wall time suffers on a shared machine
+        "generated_tokens": new_tokens,
         "settings": {
             **(settings or {}), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
             "embedding_model": str(encoder.path), "torch_threads": torch.get_num_threads(),
@@ -341,13 +344,13 @@ def _metric_names(metrics_by_name):
 
 def metrics_table(metrics_by_name):
     names = _metric_names(metrics_by_name)
-    lines = ["| model | path | examples | " + " | ".join(names) + " | generation (s) |",
-             "|---" * (len(names) + 4) + "|"]
+    lines = ["| model | path | examples | " + " | ".join(names) + " | tokens generated | generation wall s (CPU s) |",
+             "|---" * (len(names) + 5) + "|"]
     for label, m in metrics_by_name.items():
         acc = f"{_fmt(m['diagnosis_accuracy'])} ({m['diagnosis_correct']}/{m['diagnosis_examples']})"
         cells = [acc] + [_fmt(m.get(k)) for k in names[1:]]
         lines.append(f"| {label} | `{m['model_path']}` | {m['num_examples']} | " + " | ".join(cells)
-                     + f" | {m['generate_seconds']} |")
+                     + f" | {m.get('generated_tokens', '?')} | {m['generate_seconds']} ({m.get('generate_cpu_seconds', '?')}) |")
     return "\n".join(lines)
 
 
