@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import sys
+import time
 
 from utils import (CHATDOCTOR_INSTRUCTION, SAFETY_NOTICE, ModelLoadError, _first_line, build_prompt, fail, load_model,
                    load_tokenizer)
@@ -239,11 +240,13 @@ class AnswerStreamer:
     def __init__(self, tokenizer, on_text=None):
         self.tokenizer, self.on_text = tokenizer, on_text
         self.ids, self.shown, self.stopped, self.prompt_seen = [], "", False, False
+        self.first_token_at = None
 
     def put(self, value):
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
+        self.first_token_at = self.first_token_at or time.perf_counter()
         self.ids.extend(value.reshape(-1).tolist())
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         visible, self.stopped = visible_answer(text)
@@ -292,7 +295,7 @@ class Chat:
             raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in the "
                              f"{self.context}-token context window")
         self.reuse_cache = reuse_cache
-        self.turns = []
+        self.turns, self.stats = [], {}
         self.reset()
 
     def reset(self):
@@ -310,6 +313,7 @@ class Chat:
 
     def respond(self, message, on_text=None, on_notice=None):
         """Generate the answer to `message`, streaming it to on_text(chunk); returns the stripped answer."""
+        start = time.perf_counter()
         turns, notice = fit_history(self.turns + [(PATIENT, message)], self.style, self.count_tokens, self.budget)
         if not turns:
             raise ValueError(notice)
@@ -319,13 +323,17 @@ class Chat:
         if not self.reuse_cache:
             self.drop_cache()
         try:
-            answer = self.generate(ids, on_text)
+            answer, streamer = self.generate(ids, on_text)
         except BaseException:  # Ctrl-C mid-step can leave layers of the cache at different lengths
             self.drop_cache()
             raise
+        answered = time.perf_counter()
         self.turns = turns + [(DOCTOR, answer)]
         if self.reuse_cache:
             self.fill_cache(self.encode(next_turn_prefix(self.turns, self.style)))
+        self.stats = {"prompt_tokens": len(ids), "new_tokens": len(streamer.ids),
+                      "first_token_s": (streamer.first_token_at or answered) - start, "answer_s": answered - start,
+                      "next_prefix_s": time.perf_counter() - answered}
         return answer
 
     def respond_all(self, messages):
@@ -346,7 +354,7 @@ class Chat:
             )
         self.cached_ids = output[0, : self.cache.get_seq_length()].tolist()
         text = self.tokenizer.decode(streamer.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return visible_answer(text + "\n")[0]  # "\n": nothing is held back any more
+        return visible_answer(text + "\n")[0], streamer  # "\n": nothing is held back any more
 
     def pad_token_id(self, eos):
         pad = self.tokenizer.pad_token_id

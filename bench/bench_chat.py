@@ -1,0 +1,206 @@
+"""Chat speed and prompt style, with the embedded default (or any --model_path).
+
+    python bench/bench_chat.py                                  # print the tables
+    python bench/bench_chat.py --styles 20 --write docs/BENCHMARKS.md   # + prompt styles, into the '## Chat' section
+
+Decode: greedy tokens/s once the prompt is encoded, against the memory-bandwidth bound (every weight is read
+once per token, so tokens/s <= bandwidth / weight bytes; bandwidth from a large torch copy).
+Dialogue: time to first token at turns 1, 5 and 10 of one greedy conversation (held-out questions), with the
+KV cache kept between turns and with everything re-encoded each turn.
+Styles: ROUGE-L F1 of single-turn answers against the held-out reference, per --prompt_style.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import chat  # noqa: E402
+from utils import load_data, load_model_and_tokenizer  # noqa: E402
+
+SECTION = "## Chat"
+
+
+def memory_bandwidth(megabytes=512, repeats=5):
+    """Bytes moved per second by a large tensor copy (read + write), best of `repeats`."""
+    import torch
+
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights count once
+
+
+def decode_speed(model, tokenizer, new_tokens=128, repeats=3):
+    """Greedy decode tokens/s between the first and the last new token (prompt encoding excluded)."""
+    import torch
+
+    ids = tokenizer(chat.build_chat_prompt([("Patient", "I have a fever and a cough.")], "alpaca"),
+                    return_tensors="pt")["input_ids"]
+    rates = []
+    for _ in range(repeats):
+        stamps = []
+        streamer = type("Clock", (), {"put": lambda self, v: stamps.append(time.perf_counter()), "end": lambda self: 0})()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, streamer=streamer, pad_token_id=tokenizer.eos_token_id)
+        rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))  # stamps[0] is the prompt
+    return max(rates)
+
+
+def forward_speed(model, tokens=64):
+    """The model's own single-token forward with a KV cache, without generate() around it."""
+    import torch
+    from transformers import DynamicCache
+
+    cache, token = DynamicCache(config=model.config), torch.tensor([[1]])
+    with torch.no_grad():
+        model(input_ids=torch.tensor([list(range(10, 40))]), cache=cache, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+    return tokens / (time.perf_counter() - start)
+
+
+def dialogue_timings(model, tokenizer, questions, reuse, max_new_tokens):
+    """Per turn: (prompt tokens, seconds to first token, seconds spent after the answer on the next prefix)."""
+    c = chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, {"do_sample": False, "max_new_tokens": max_new_tokens,
+                                                               "repetition_penalty": 1.1}, reuse_cache=reuse)
+    rows = []
+    for question in questions:
+        c.respond(question)
+        rows.append((c.stats["prompt_tokens"], c.stats["first_token_s"], c.stats["next_prefix_s"]))
+    return rows, [text for role, text in c.turns if role == "ChatDoctor"]
+
+
+def style_scores(model, tokenizer, records, max_new_tokens, repetition_penalty):
+    from eval import rouge_l_scores
+
+    scores = {}
+    for style in ("chatdoctor", "alpaca"):
+        answers = []
+        for record in records:
+            c = chat.Chat(model, tokenizer, style, {"do_sample": False, "max_new_tokens": max_new_tokens,
+                                                   "repetition_penalty": repetition_penalty}, reuse_cache=False)
+            answers.append(c.respond(record["input"]))
+        rouge = rouge_l_scores(answers, [r["output"] for r in records])
+        scores[style] = (statistics.mean(rouge), sum(1 for a in answers if not a) / len(answers),
+                         statistics.mean(len(a.split()) for a in answers))
+    return scores
+
+
+def machine():
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+
+
+def report(args, bandwidth, weights, decode, forward, timings, styles, load_start):
+    bound = bandwidth / weights
+    lines = [SECTION, "", f"`{' '.join(['python bench/bench_chat.py'] + sys.argv[1:])}` on {load_start}; model "
+             f"`{args.model_path}` ({weights / 1e6:.0f} MB of float32 weights), {time.strftime('%Y-%m-%d')}.", "",
+             "| decode (greedy, after the prompt) | value |", "|---|---|",
+             f"| memory bandwidth (torch copy, read + write) | {bandwidth / 1e9:.1f} GB/s |",
+             f"| bound: bandwidth / weight bytes | {bound:.1f} tokens/s |",
+             f"| model forward alone (1 token, KV cache) | {forward:.1f} tokens/s ({forward / bound:.0%} of bound) |",
+             f"| `generate()` as chat.py calls it | {decode:.1f} tokens/s ({decode / bound:.0%} of bound) |", "",
+             f"Time to first token in one greedy {chat.DEFAULT_PROMPT_STYLE}-style dialogue of held-out questions "
+             f"(answers up to {args.max_new_tokens} tokens become the history):", "",
+             "| turn | prompt tokens | first token, cache reused | first token, re-encoded | "
+             "after the answer: next prefix encoded |", "|---|---|---|---|---|"]
+    reuse, fresh = timings
+    for turn in (1, 5, 10):
+        if turn <= len(reuse):
+            (n, t_reuse, t_prefix), (_, t_fresh, _) = reuse[turn - 1], fresh[turn - 1]
+            lines.append(f"| {turn} | {n} | {t_reuse * 1000:.0f} ms | {t_fresh * 1000:.0f} ms | {t_prefix * 1000:.0f} ms |")
+    last = min(10, len(reuse))
+    lines += ["", f"Turn {last} / turn 1, first token: {reuse[last - 1][1] / reuse[0][1]:.2f}x with reuse, "
+              f"{fresh[last - 1][1] / fresh[0][1]:.2f}x re-encoding."]
+    if styles:
+        lines += ["", f"Prompt style, {args.styles} held-out GenMedGPT records spread over the file, single turn, "
+                  f"greedy, up to {args.style_tokens} new tokens; ROUGE-L F1 against the reference answer:", "",
+                  "| repetition penalty | style | ROUGE-L | empty answers | mean words |", "|---|---|---|---|---|"]
+        for penalty, scores in styles.items():
+            for style, (rouge, empty, length) in scores.items():
+                lines.append(f"| {penalty} | {style} | {rouge:.3f} | {empty:.0%} | {length:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path, text):
+    """Replace (or append) the '## Chat' section of `path`, leaving the other sections as they are."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + (old[end:] if end >= 0 else "")
+    path.write_text(new)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--data_path", default=str(ROOT / "data" / "genmedgpt_heldout.json"))
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=64, help="answer length in the dialogue")
+    p.add_argument("--decode_tokens", type=int, default=128)
+    p.add_argument("--styles", type=int, default=0, help="held-out records for the prompt-style comparison (0: skip)")
+    p.add_argument("--style_tokens", type=int, default=96)
+    p.add_argument("--style_penalties", default="1.1,1.0", help="repetition penalties for the style comparison")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--write", help="markdown file whose '## Chat' section gets the results")
+    args = p.parse_args()
+
+    import torch
+    from eval import example_indices
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load_start = machine()
+    model, tokenizer = load_model_and_tokenizer(args.model_path, dtype=torch.float32)
+    model.eval()
+    records = load_data(args.data_path)
+    bandwidth, weights = memory_bandwidth(), weight_bytes(model)
+    forward = forward_speed(model)
+    decode = decode_speed(model, tokenizer, args.decode_tokens)
+    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, bound {bandwidth / weights:.1f} tok/s, "
+          f"forward {forward:.1f} tok/s, generate {decode:.1f} tok/s", flush=True)
+    questions = [records[i]["input"] for i in example_indices(len(records), args.turns)]
+    reuse, answers_reuse = dialogue_timings(model, tokenizer, questions, True, args.max_new_tokens)
+    fresh, answers_fresh = dialogue_timings(model, tokenizer, questions, False, args.max_new_tokens)
+    if answers_reuse != answers_fresh:
+        print("warning: answers differ with and without cache reuse", file=sys.stderr)
+    styles = {}
+    if args.styles:
+        picked = [records[i] for i in example_indices(len(records), args.styles)]
+        penalties = [float(x) for x in args.style_penalties.split(",")]
+        styles = {penalty: style_scores(model, tokenizer, picked, args.style_tokens, penalty) for penalty in penalties}
+    text = report(args, bandwidth, weights, decode, forward, (reuse, fresh), styles, load_start)
+    print(text)
+    if args.write:
+        write_section(args.write, text)
+
+
+if __name__ == "__main__":
+    main()
