@@ -288,9 +288,6 @@ class Chat:
         self.max_new_tokens = self.generation.pop("max_new_tokens", 200)
         self.context = context or context_window(model, tokenizer)
         self.budget = self.context - self.max_new_tokens
-        if self.budget < 16:
-            raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room in the "
-                             f"{self.context}-token context window")
         if self.count_tokens(build_chat_prompt([(PATIENT, "")], style)) >= self.budget:
             raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in the "
                              f"{self.context}-token context window")
@@ -388,12 +385,18 @@ def stream_to(stream):
     return lambda chunk: print(chunk, end="", file=stream, flush=True)
 
 
-def answer_once(chat, message, out, info):
-    """Notice (if any) on `info`, the streamed answer on `out`."""
+def answer_once(chat, message, out, info, prefix=""):
+    """The emergency notice (if any) on `info`, then `prefix` and the streamed answer on `out`."""
     notice = emergency_notice(message)
     if notice:
         say(notice, info)
-    chat.respond(message, on_text=stream_to(out), on_notice=lambda n: say(f"({n})", info))
+    print(prefix, end="", file=out, flush=True)
+
+    def trimmed(note):  # over the prefix already shown, which is then shown again
+        say(f"\r({note})", info)
+        print(prefix, end="", file=out, flush=True)
+
+    chat.respond(message, on_text=stream_to(out), on_notice=trimmed)
 
 
 def run_interactive(chat):
@@ -425,11 +428,7 @@ def run_interactive(chat):
             continue
         print()
         try:
-            notice = emergency_notice(line)
-            if notice:
-                say(notice, sys.stdout)
-            print(f"{DOCTOR}: ", end="", flush=True)
-            chat.respond(line.strip(), on_text=stream_to(sys.stdout), on_notice=lambda n: say(f"({n})", sys.stdout))
+            answer_once(chat, command, sys.stdout, sys.stdout, prefix=f"{DOCTOR}: ")
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print("\n")
