@@ -46,9 +46,11 @@ def test_seed_flags_are_mapped_and_adapted_to_cpu(caplog, monkeypatch):
     assert args.warmup_steps == 0.03
     assert args.learning_rate == 2e-5 and args.lr_scheduler_type == "cosine" and args.weight_decay == 0.0
     assert args.model_max_length == 512 and args.optim == "adamw_torch"
-    assert args.use_cpu and args.bf16 and not args.tf32 and not args.fsdp
+    assert args.use_cpu and not args.tf32 and not args.fsdp
+    assert args.bf16 == utils.cpu_has_native_bf16()
+    bf16_line = "bf16 as CPU autocast" if args.bf16 else "--bf16 dropped, fp32 instead"
     for line in ("--evaluation_strategy no -> --eval_strategy", "--warmup_ratio 0.03", "--tf32 dropped",
-                 "use_cpu=True", "--fsdp dropped"):
+                 "use_cpu=True", "--fsdp dropped", bf16_line):
         assert line in caplog.text
 
 
