@@ -12,8 +12,11 @@ The paper's command on a GPU node (runs verbatim; legacy flags are mapped, see L
 The two stages of the paper are two runs: Alpaca data first, then the medical conversations from the
 stage-1 output (`make recipe`). `--data_path` takes one or more comma-separated files.
 """
+import difflib
 import logging
+import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,11 +27,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # batched tokenization 
 
 import torch
 import transformers
-from transformers import DataCollatorWithFlattening, HfArgumentParser, Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import DataCollatorWithFlattening, HfArgumentParser
 
+import checkpoints
 import utils
+from checkpoints import AtomicCheckpointTrainer, OutputDirError
 from utils import DataError, ModelLoadError, logger
+
+
+class ArgumentsError(ValueError):
+    """A bad command line: unknown flag, bad value, or settings that cannot train."""
+
+
+MIN_MODEL_MAX_LENGTH = 16  # cheap floor checked with the flags; the exact one needs the tokenizer
 
 
 @dataclass
@@ -92,7 +103,12 @@ def adapt_to_hardware(args):
         logger.info("no CUDA: --tf32 dropped (TF32 is an Ampere GPU feature)")
     if not args.use_cpu:
         args.use_cpu = True  # without it, CPU ranks under torchrun silently train unlinked
-        logger.info("no CUDA: training on CPU (use_cpu=True)" + (", bf16 as CPU autocast" if args.bf16 else ""))
+        logger.info("no CUDA: training on CPU (use_cpu=True)")
+    if args.bf16 and not utils.cpu_has_native_bf16():
+        args.bf16 = False  # autocast then falls back to a scalar bf16 matmul, many times slower than fp32
+        logger.info("no CUDA: --bf16 dropped, fp32 instead (this CPU has no native bf16 matmul; docs/BENCHMARKS.md)")
+    elif args.bf16:
+        logger.info("no CUDA: bf16 as CPU autocast (native bf16 matmul)")
     if distributed and args.ddp_backend is None:
         args.ddp_backend = "gloo"
         logger.info("no CUDA: distributed backend gloo")
@@ -151,38 +167,108 @@ def make_collator(training_args, tokenizer):
     return partial(utils.collate_padded, pad_token_id=tokenizer.pad_token_id)
 
 
-def find_resume_checkpoint(args):
-    """Re-running a killed command continues from its latest checkpoint."""
-    if args.resume_from_checkpoint or args.overwrite_output_dir or not os.path.isdir(args.output_dir):
-        return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir)
-    if last:
-        logger.info(f"resuming from {last}")
-    return last
+def claim_output_dir(args, fingerprint):
+    """Refuse another run's output_dir; return the checkpoint to resume from (None: start afresh).
+    Re-running a killed command continues from its latest complete checkpoint."""
+    checkpoints.check_output_dir(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir)
+    if args.resume_from_checkpoint:
+        checkpoints.check_explicit_checkpoint(args.resume_from_checkpoint)
+        resume = args.resume_from_checkpoint
+    elif not args.overwrite_output_dir:
+        resume = checkpoints.find_resume_checkpoint(args.output_dir, fingerprint)
+    else:
+        resume = None
+    if resume:
+        logger.info(f"resuming from {resume}")
+    if args.should_save:
+        os.makedirs(args.output_dir, exist_ok=True)
+        checkpoints.write_fingerprint(args.output_dir, fingerprint)
+    return resume
 
 
 def save_final_model(trainer, tokenizer, output_dir):
     """Full state dict (gathered under FSDP) as safetensors, plus tokenizer and generation config, so
-    plain AutoModelForCausalLM.from_pretrained loads it and generate() stops at the trained EOS."""
+    plain AutoModelForCausalLM.from_pretrained loads it and generate() stops at the trained EOS.
+    Everything is written to output_dir/tmp-final first and moved in once whole."""
     model = trainer.model
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = True
-    trainer.save_model(output_dir)
+    staging = Path(output_dir) / f"{checkpoints.STAGING_PREFIX}final"
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output_dir)
-        trainer.save_state()
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that failed
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
         # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
-        (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
-        (Path(output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        (staging / "training_args.json").write_text(trainer.args.to_json_string())
         from plot_loss import save_loss_plot
 
-        save_loss_plot(trainer.state.log_history, Path(output_dir) / "loss.png")
+        save_loss_plot(trainer.state.log_history, staging / "loss.png")
+        checkpoints.write_fingerprint(staging, trainer.fingerprint)
+        checkpoints.publish_files(staging, output_dir)
 
+
+# ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
+    """The three argument dataclasses, checked. Every problem is one ArgumentsError line."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    parser.error = _argparse_error  # argparse would print a page of usage first
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ArgumentsError:
+        raise
+    except ValueError as e:  # TrainingArguments' own checks (e.g. --bf16 on a CPU that lacks it)
+        raise ArgumentsError(utils._first_line(e)) from None
+    if unknown:
+        raise ArgumentsError(unknown_flags_message(unknown, list(parser._option_string_actions)))
+    check_args(*parsed)
+    return parsed
+
+
+def _argparse_error(message):
+    raise ArgumentsError(message)
+
+
+def unknown_flags_message(unknown, known):
+    flags = [a for a in unknown if a.startswith("-")] or unknown
+    hints = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+        hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    return "unknown flag" + ("s" if len(hints) > 1 else "") + ": " + ", ".join(hints)
+
+
+def check_args(model_args, data_args, args):
+    """Settings that cannot train, caught before any data or model is read."""
+    problems = []
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        problems.append(f"--learning_rate must be > 0, got {args.learning_rate}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.model_max_length < MIN_MODEL_MAX_LENGTH:
+        problems.append(f"--model_max_length {args.model_max_length} is too short: the prompt template alone "
+                        f"needs more than {MIN_MODEL_MAX_LENGTH} tokens")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        problems.append(f"--num_train_epochs must be > 0 (or --max_steps set), got {args.num_train_epochs}")
+    if args.warmup_steps < 0 or args.weight_decay < 0:
+        problems.append("--warmup_steps and --weight_decay must be >= 0")
+    if problems:
+        raise ArgumentsError("; ".join(problems))
+
+
+def check_prompt_fits(tokenizer, max_length):
+    """The shortest possible prompt plus one response token must fit in model_max_length."""
+    empty_prompt = utils.build_prompt({"instruction": "", "input": "", "output": ""})
+    needed = len(tokenizer(empty_prompt)["input_ids"]) + 2  # + one response token + EOS
+    if max_length < needed:
+        raise ArgumentsError(f"--model_max_length {max_length} is too short: the prompt template alone takes "
+                             f"{needed - 2} tokens; use at least {needed} (the paper uses 512)")
 
 
 def train(argv=None):
@@ -194,6 +280,9 @@ def train(argv=None):
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
         model_max_length=training_args.model_max_length, padding_side="right",
     )
+    check_prompt_fits(tokenizer, training_args.model_max_length)
+    fingerprint = checkpoints.run_fingerprint(model_args.model_name_or_path, records, training_args)
+    resume = claim_output_dir(training_args, fingerprint)  # refuses another run's folder; finds our checkpoint
     train_dataset = tokenize(records, data_args, training_args, tokenizer)
     # fp32 master weights as in the paper; --bf16 is mixed precision (autocast / FSDP mixed precision)
     model = utils.load_model(
@@ -202,12 +291,12 @@ def train(argv=None):
     utils.ensure_pad_token(tokenizer, model)
     configure_fsdp(training_args, model)
 
-    trainer = Trainer(
+    trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
-        data_collator=make_collator(training_args, tokenizer), processing_class=tokenizer,
+        data_collator=make_collator(training_args, tokenizer), processing_class=tokenizer, fingerprint=fingerprint,
     )
     logger.info(f"strategy: {describe_strategy(trainer)}")
-    trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, tokenizer, training_args.output_dir)
     logger.info(f"saved {training_args.output_dir}")
     return trainer
@@ -219,8 +308,13 @@ def main(argv=None):
         logger.setLevel(logging.WARNING)
     try:
         return train(argv)
-    except (DataError, ModelLoadError) as e:
+    except (ArgumentsError, DataError, ModelLoadError, OutputDirError) as e:
         utils.fail(str(e))
+    except OSError as e:
+        if e.errno not in checkpoints.DISK_FULL:
+            raise
+        utils.fail(f"disk full while writing {e.filename or 'output'}: no checkpoint was left half-written; "
+                   "free space and re-run the same command to resume from the last complete checkpoint")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def _parse_json_records(path, text):
     if not is_jsonl:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         except json.JSONDecodeError as e:
             first_line = text.lstrip().split("\n", 1)[0]
             if not (first_line.startswith("{") and "\n" in text.strip()):
@@ -97,6 +99,8 @@ def _parse_json_records(path, text):
             continue
         try:
             records.append(json.loads(line))
+        except RecursionError:
+            raise DataError(f"{path}: line {line_no}: JSON nested too deeply") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
     return records
@@ -111,6 +115,10 @@ def _string_field(path, index, record, field, required=True):
     if not isinstance(value, str):
         kind = "null" if value is None else type(value).__name__
         raise DataError(f"{path}: record {index}: field '{field}' must be a string, got {kind}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800": no tokenizer can take it
+        raise DataError(f"{path}: record {index}: field '{field}' holds an invalid \\u escape (lone surrogate)") from None
     return value
 
 
@@ -259,6 +267,15 @@ def collate_padded(examples, pad_token_id):
 
 
 # ----------------------------------------------------------------------------- models
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 / AMX (x86) or the BF16 extension (Arm): without them CPU bf16 autocast is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False  # not Linux: assume the safe, usually faster fp32
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
 
 def _looks_like_hub_id(name):
     return not os.path.isabs(name) and not name.startswith((".", "~")) and name.count("/") == 1
