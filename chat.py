@@ -460,7 +460,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_style", choices=("chatdoctor", "alpaca"), default=DEFAULT_PROMPT_STYLE,
                    help="chatdoctor: the original chat prompt; alpaca: the training template")
     g = p.add_argument_group("generation (sampling defaults are the original chat.py's)")
-    g.add_argument("--temperature", type=float, default=0.5)
+    g.add_argument("--temperature", type=float, default=0.5, help="0 means --greedy")
     g.add_argument("--top_k", type=int, default=50)
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--repetition_penalty", type=float, default=1.1)
@@ -474,8 +474,9 @@ def parse_args(argv=None):
     q.add_argument("--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA)")
     q.add_argument("--load_in_4bit", action="store_true", help="4-bit weights via bitsandbytes (CUDA)")
     args = p.parse_args(argv)
-    if args.temperature <= 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
-        p.error("need --temperature > 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        p.error("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+    args.greedy = args.greedy or args.temperature == 0
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
     return args

@@ -400,3 +400,14 @@ def test_terminal_ctrl_c_stops_the_answer_then_exits(tiny_model_dir):
     t.type("\x03")
     code = t.wait()
     assert "Traceback" not in t.output and code == 0, t.output[-3000:]
+
+
+def test_generation_flags():
+    sampled = chat.generation_settings(chat.parse_args([]))
+    assert sampled == {"max_new_tokens": 200, "repetition_penalty": 1.1, "do_sample": True, "temperature": 0.5,
+                       "top_k": 50, "top_p": 1.0}
+    assert chat.parse_args([]).model_path == "./pretrained"
+    for flags in (["--greedy"], ["--temperature", "0"]):
+        assert chat.generation_settings(chat.parse_args(flags))["do_sample"] is False
+    with pytest.raises(SystemExit):
+        chat.parse_args(["--top_p", "0"])
