@@ -8,11 +8,13 @@ export HF_HUB_OFFLINE ?= 1
 
 # The paper's hyperparameters (README table); the demo only shortens the run with a step budget.
 PAPER_ARGS := --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
-	--model_max_length 512 --bf16 True --tf32 True --save_strategy steps --save_steps 2000 \
-	--save_total_limit 1 --evaluation_strategy no --report_to none
-DEMO_ARGS := $(PAPER_ARGS) --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --logging_steps 5
-DEMO_STAGE1_STEPS ?= 30
-DEMO_STAGE2_STEPS ?= 60
+	--model_max_length 512 --bf16 True --tf32 True --evaluation_strategy no --report_to none
+# A CPU-sized run: padding-free packing (docs/BENCHMARKS.md), no intermediate checkpoints (each holds
+# a 1 GB optimizer state). On a CPU without native bf16, train.py swaps --bf16 for fp32 and says so.
+DEMO_ARGS := $(PAPER_ARGS) --packing True --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
+	--logging_steps 2 --save_strategy no
+DEMO_STAGE1_STEPS ?= 10
+DEMO_STAGE2_STEPS ?= 40
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
 .PHONY: setup data model demo test test-fast recipe eval bench clean
@@ -48,7 +50,8 @@ STAGE1_DATA ?= alpaca_data.json
 STAGE2_DATA ?= HealthCareMagic-100k.json
 PORT ?= 29500
 RECIPE_ARGS := $(PAPER_ARGS) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
-	--gradient_accumulation_steps 8 --logging_steps 1 --fsdp "full_shard auto_wrap" \
+	--gradient_accumulation_steps 8 --logging_steps 1 --save_strategy steps --save_steps 2000 --save_total_limit 1 \
+	--fsdp "full_shard auto_wrap" \
 	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer
 recipe: data
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path $(BASE_MODEL) \
