@@ -163,7 +163,7 @@ def tokenize(records, data_args, training_args, tokenizer):
 
 def make_collator(training_args, tokenizer):
     if training_args.packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=utils.IGNORE_INDEX)
+        return utils.collate_packed
     return partial(utils.collate_padded, pad_token_id=tokenizer.pad_token_id)
 
 

@@ -6,6 +6,7 @@ implementations the Trainer can pick on CPU. transformers does this only without
 sets `model.config.use_cache = args.use_cache` (False), so the forward passes here run with use_cache=False;
 with a cache the packed row silently attends across examples (checked below, so a library change shows).
 """
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -23,9 +24,13 @@ RECORDS = load_records(utils.SHARED_DATA_DIR / "GenMedGPT-5k.json")[:4] + [
 
 
 def collators(tokenizer):
+    """(padded, packed as train.py packs: logits only where a label is)."""
     padded = train.make_collator(SimpleNamespace(packing=False), tokenizer)
     packed = train.make_collator(SimpleNamespace(packing=True), tokenizer)
     return padded, packed
+
+
+PLAIN_PACKED = partial(utils.collate_packed, logits_only_where_supervised=False)  # every position's logits
 
 
 def model_from(path, attn):
@@ -51,11 +56,16 @@ def test_packed_batch_is_one_row_with_restarting_positions(tokenizer, examples):
     assert all(batch["labels"][0, s] == utils.IGNORE_INDEX for s in starts)
     supervised = sum(sum(t != utils.IGNORE_INDEX for t in e["labels"]) for e in examples)
     assert int((batch["labels"] != utils.IGNORE_INDEX).sum()) == supervised
+    # The LM head runs only where the next token is a target, and those targets are exactly the labels.
+    assert batch["logits_to_keep"].dtype == torch.bool and int(batch["logits_to_keep"].sum()) == supervised
+    assert batch["shift_labels"].tolist() == [t for t in batch["labels"][0, 1:].tolist() if t != utils.IGNORE_INDEX]
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["supervised-logits", "all-logits"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_and_padded_give_same_loss_and_gradients(tokenizer, tiny_model_dir, examples, attn):
+def test_packed_and_padded_give_same_loss_and_gradients(tokenizer, tiny_model_dir, examples, attn, plain):
     padded, packed = collators(tokenizer)
+    packed = PLAIN_PACKED if plain else packed
     losses, grads = [], []
     for collate in (padded, packed):
         model = model_from(tiny_model_dir, attn)
@@ -79,7 +89,7 @@ def test_same_loss_on_the_embedded_default(tokenizer, embedded_model_dir, exampl
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_no_attention_across_examples_in_a_packed_row(tokenizer, tiny_model_dir, examples, attn):
-    _, packed = collators(tokenizer)
+    packed = PLAIN_PACKED  # logits at every position, to compare them
     model = model_from(tiny_model_dir, attn)
     a, b, c = examples[0], examples[1], examples[2]
     changed_a = dict(a, input_ids=[(t * 7 + 3) % len(tokenizer) for t in a["input_ids"]])
@@ -98,7 +108,7 @@ def test_training_runs_without_kv_cache_which_packing_needs(tokenizer, tiny_mode
     assert args.use_cache is False  # --packing turns it off
     _, _, args = train.parse_args(["--output_dir", "unused"])
     assert args.use_cache is False
-    _, packed = collators(tokenizer)
+    packed = PLAIN_PACKED
     model = model_from(tiny_model_dir, "sdpa")
     a, b = examples[0], examples[1]
     n_a = len(a["input_ids"])
