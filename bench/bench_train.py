@@ -1,0 +1,182 @@
+"""Training throughput of train.py itself: padded (the original batching) vs --group_by_length vs --packing,
+fp32 vs bf16 autocast, and what --gradient_checkpointing saves in peak memory.
+
+    python bench/bench_train.py                 # all configurations, prints JSON
+    python bench/bench_train.py --steps 2       # shorter
+Each configuration runs `train.train()` with the real flags in its own process (so peak RSS is its own),
+on the same records in the same order (same seed), for 1 warm-up step plus --steps timed steps, with the
+loss logged every step. Supervised tokens are those with a label (the response); padding waste is the
+share of computed positions that are padding. Model FLOPs count real tokens only:
+6 * params * tokens + 6 * layers * hidden * sum(length^2) (causal attention, forward + backward).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+MODEL = str(ROOT / "models" / "SmolLM2-135M-Instruct")
+DATA = str(ROOT / "data" / "genmedgpt_train.json")
+
+# name -> extra train.py flags. "padded" is the original recipe's batching (pad to the longest in the batch).
+CONFIGS = {
+    "padded": [],
+    "group_by_length": ["--group_by_length", "True"],
+    "packing_all_logits": ["--packing", "True"],  # plain flattening: the LM head at every position
+    "packing": ["--packing", "True"],  # what train.py does: flattening + logits only where a label is
+    "packing_bf16": ["--packing", "True", "--bf16", "True"],
+    "padded_gradient_checkpointing": ["--gradient_checkpointing", "True"],
+}
+
+
+def flops_per_batch(config, lengths):
+    n_params = config["n_params"]
+    return sum(6 * n_params * n + 6 * config["layers"] * config["hidden"] * n * n for n in lengths)
+
+
+def worker(name, args, out_path):
+    """One configuration in this process: train.train() with a timing callback and a counting collator."""
+    import torch
+    from transformers import TrainerCallback
+
+    import train
+    import utils
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = []  # per collated batch: real tokens, computed positions, supervised tokens, lengths
+
+    def counting(collate):
+        def wrapped(examples):
+            batch = collate(examples)
+            lengths = [len(e["input_ids"]) for e in examples]
+            batches.append({"real": sum(lengths), "computed": batch["input_ids"].numel(), "lengths": lengths,
+                            "supervised": sum(sum(t != utils.IGNORE_INDEX for t in e["labels"]) for e in examples)})
+            return batch
+        return wrapped
+
+    make_collator = train.make_collator
+    if name == "packing_all_logits":
+        from functools import partial
+
+        train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
+    else:
+        train.make_collator = lambda a, t: counting(make_collator(a, t))
+    if "bf16" in name and hasattr(train, "cpu_bf16_is_slow"):
+        train.cpu_bf16_is_slow = lambda: False  # measure bf16 even where train.py would turn it off
+
+    step_times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            step_times.append(time.perf_counter() - self.start)
+
+    base_trainer = train.Trainer if hasattr(train, "Trainer") else None
+    trainer_cls = getattr(train, "AtomicCheckpointTrainer", base_trainer)
+
+    class TimedTrainer(trainer_cls):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.add_callback(Timer())
+
+    if hasattr(train, "AtomicCheckpointTrainer"):
+        train.AtomicCheckpointTrainer = TimedTrainer
+    if base_trainer is not None:
+        train.Trainer = TimedTrainer
+    train.save_final_model = lambda *a, **kw: None  # not part of the step time
+
+    records = utils.load_data(args.data_path)[: args.records]
+    data_file = Path(out_path).with_suffix(".data.json")
+    data_file.write_text(json.dumps(records))
+    out_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    argv = ["--model_name_or_path", args.model, "--data_path", str(data_file), "--output_dir", out_dir,
+            "--overwrite_output_dir", "True", "--max_steps", str(args.steps + 1), "--per_device_train_batch_size",
+            str(args.batch_size), "--gradient_accumulation_steps", "1", "--learning_rate", "2e-5",
+            "--model_max_length", str(args.max_length), "--logging_steps", "1", "--save_strategy", "no",
+            "--report_to", "none", "--seed", "42", "--cache_dir", str(Path(out_dir) / "tok"),
+            "--dataloader_num_workers", "0"] + CONFIGS[name]
+    trainer = train.train(argv)
+    model = trainer.model
+    cfg = model.config
+    config = {"n_params": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers,
+              "hidden": cfg.hidden_size}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    timed = batches[1 : 1 + args.steps]  # step 0 is the warm-up
+    seconds = sum(step_times[1 : 1 + args.steps])
+    result = {
+        "name": name, "flags": CONFIGS[name], "steps": len(timed), "seconds": seconds,
+        "losses": losses, "mean_loss_timed": sum(losses[1:]) / max(1, len(losses[1:])),
+        "supervised_tokens": sum(b["supervised"] for b in timed), "real_tokens": sum(b["real"] for b in timed),
+        "computed_positions": sum(b["computed"] for b in timed),
+        "model_flops": sum(flops_per_batch(config, b["lengths"]) for b in timed),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "bf16": bool(trainer.args.bf16), "threads": torch.get_num_threads(), **config,
+    }
+    result["supervised_tokens_s"] = result["supervised_tokens"] / seconds
+    result["tokens_s"] = result["real_tokens"] / seconds
+    result["model_flops_s"] = result["model_flops"] / seconds
+    result["padding_waste"] = 1 - result["real_tokens"] / result["computed_positions"]
+    Path(out_path).write_text(json.dumps(result))
+
+
+def run(steps=4, batch_size=4, records=512, max_length=512, configs=None, threads=None, log=print):
+    """Every configuration in a fresh process; returns {name: result}."""
+    results = {}
+    for name in configs or CONFIGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, __file__, "--worker", name, "--out", str(out), "--steps", str(steps),
+                   "--batch_size", str(batch_size), "--records", str(records), "--max_length", str(max_length)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.exists():
+                log(f"train bench {name} failed:\n{proc.stderr[-3000:]}")
+                results[name] = {"name": name, "error": proc.stderr.strip().splitlines()[-1:]}
+                continue
+            results[name] = json.loads(out.read_text())
+            r = results[name]
+            log(f"  {name}: {r['supervised_tokens_s']:.1f} supervised tok/s, {r['tokens_s']:.1f} tok/s, "
+                f"waste {r['padding_waste']:.1%}, loss {r['mean_loss_timed']:.4f}, RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+                f"({time.perf_counter() - start:.0f} s)")
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
+    p.add_argument("--batch_size", type=int, default=4, help="per-device batch (the paper: 4)")
+    p.add_argument("--records", type=int, default=512, help="first N training records")
+    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--configs", help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--threads", type=int)
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--data_path", default=DATA)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        return worker(args.worker, args, args.out)
+    configs = args.configs.split(",") if args.configs else None
+    results = run(args.steps, args.batch_size, args.records, args.max_length, configs, args.threads)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
