@@ -241,7 +241,7 @@ def test_ctrl_c_during_an_answer_forgets_the_exchange(tiny, monkeypatch):
 
 def test_embedded_model_answers_a_medical_question(embedded):
     model, tokenizer = embedded
-    c = chat.Chat(model, tokenizer, "chatdoctor", {"do_sample": False, "repetition_penalty": 1.1, "max_new_tokens": 24})
+    c = chat.Chat(model, tokenizer, "chatdoctor", {"do_sample": False, "repetition_penalty": 1.1, "max_new_tokens": 16})
     shown = []
     answer = c.respond("I have had a headache and a fever for three days. What should I do?", shown.append)
     assert answer == "".join(shown) == answer.strip()
