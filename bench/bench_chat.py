@@ -131,6 +131,10 @@ def report(args, bandwidth, weights, decode, forward, timings, styles, load_star
         if turn <= len(reuse):
             (n, t_reuse, t_prefix), (_, t_fresh, _) = reuse[turn - 1], fresh[turn - 1]
             lines.append(f"| {turn} | {n} | {t_reuse * 1000:.0f} ms | {t_fresh * 1000:.0f} ms | {t_prefix * 1000:.0f} ms |")
+    if float(load_start.rsplit("load average ", 1)[1].split()[0]) > (os.cpu_count() or 1):
+        lines[2:2] = ["Other jobs shared the CPU during this run (load average above the core count): absolute speeds",
+                      "are low and noisy, and the decode share of the bound is not the idle machine's. Rerun on an",
+                      "idle machine for those; the with/without-reuse ratios hold either way.", ""]
     last = min(10, len(reuse))
     lines += ["", f"Turn {last} / turn 1, first token: {reuse[last - 1][1] / reuse[0][1]:.2f}x with reuse, "
               f"{fresh[last - 1][1] / fresh[0][1]:.2f}x re-encoding."]
