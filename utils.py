@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -235,11 +236,34 @@ def _save_examples(path, examples):
     os.replace(tmp, path)  # readers never see a half-written cache
 
 
+class TokenizedExamples(Sequence):
+    """Cached examples as two flat arrays; example i is built as lists when read, so a warm start does
+    not make a million Python ints up front. Reads (and compares) like the list tokenize_supervised returns."""
+
+    def __init__(self, bounds, input_ids, labels):
+        self.bounds, self.input_ids, self.labels = bounds, input_ids, labels
+
+    def __len__(self):
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+
+    def __eq__(self, other):
+        return isinstance(other, Sequence) and len(self) == len(other) and all(x == y for x, y in zip(self, other))
+
+
 def _load_examples(path):
     with np.load(path) as z:
-        bounds = np.concatenate([[0], np.cumsum(z["lengths"])])
-        ids, labels = z["input_ids"].tolist(), z["labels"].tolist()
-    return [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+        bounds = np.concatenate([[0], np.cumsum(z["lengths"])]).tolist()
+        return TokenizedExamples(bounds, z["input_ids"], z["labels"])
 
 
 def tokenize_cached(records, tokenizer, max_length, cache_dir):

@@ -71,8 +71,8 @@ def worker(name, args, out_path):
         train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
     else:
         train.make_collator = lambda a, t: counting(make_collator(a, t))
-    if "bf16" in name and hasattr(train, "cpu_bf16_is_slow"):
-        train.cpu_bf16_is_slow = lambda: False  # measure bf16 even where train.py would turn it off
+    if "bf16" in name:
+        utils.cpu_has_native_bf16 = lambda: True  # measure bf16 even where train.py would turn it off
 
     step_times = []
 
@@ -110,8 +110,10 @@ def worker(name, args, out_path):
     trainer = train.train(argv)
     model = trainer.model
     cfg = model.config
-    config = {"n_params": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers,
-              "hidden": cfg.hidden_size}
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as the LM head
+    if not getattr(cfg, "tie_word_embeddings", False):
+        n_params -= model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
+    config = {"n_params": n_params, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = batches[1 : 1 + args.steps]  # step 0 is the warm-up
     seconds = sum(step_times[1 : 1 + args.steps])

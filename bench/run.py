@@ -140,7 +140,7 @@ def render(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes):
         lines += ["", "## CPU limits (bench/bench_cpu.py)", "", "| | value |", "|---|---|",
                   f"| matmul fp32 ({cpu['matmul_n']}^3, torch.mm, best of repeats) | {cpu['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s |",
                   f"| matmul bf16 | {cpu['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s |",
-                  f"| memory bandwidth (256 MiB copy, read + write) | {cpu['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s |"]
+                  f"| memory bandwidth (large tensor copy, read + write) | {cpu['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s |"]
     if pre:
         lines += ["", "## Preprocessing (bench/bench_preprocess.py)", "",
                   f"{pre['records']} GenMedGPT records, SmolLM2 fast tokenizer, max length 512, "
