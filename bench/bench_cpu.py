@@ -35,12 +35,19 @@ def cpu_flags():
     return []
 
 
-def matmul_flops(dtype, n=2048, repeats=5, min_time=0.5):
-    """Best FLOP/s of an n x n @ n x n matmul (2 n^3 FLOP), each repeat timed over >= min_time seconds."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up: oneDNN / BLAS picks its kernels
+def matmul_flops(dtype, max_n=2048, repeats=5, min_time=0.5):
+    """Best FLOP/s of an n x n @ n x n matmul (2 n^3 FLOP), each repeat timed over >= min_time seconds.
+    n doubles from 256 up to max_n while one product takes under 0.1 s, so a dtype this CPU runs slowly
+    (bf16 without native instructions) is measured at a size that finishes, not for minutes."""
+    n = 256
+    while True:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)  # also the warm-up: oneDNN / BLAS picks its kernels
+        if n >= max_n or time.perf_counter() - start > 0.1:
+            break
+        n *= 2
     best = 0.0
     for _ in range(repeats):
         iters, start = 0, time.perf_counter()
@@ -51,7 +58,7 @@ def matmul_flops(dtype, n=2048, repeats=5, min_time=0.5):
             if elapsed >= min_time:
                 break
         best = max(best, 2 * n**3 * iters / elapsed)
-    return best
+    return best, n
 
 
 def memory_bandwidth(mbytes=256, repeats=8):
@@ -70,17 +77,20 @@ def memory_bandwidth(mbytes=256, repeats=8):
 
 
 def run(quick=False):
-    n = 1024 if quick else 2048
+    max_n = 1024 if quick else 2048
     repeats = 2 if quick else 5
+    fp32, n32 = matmul_flops(torch.float32, max_n, repeats)
+    bf16, n16 = matmul_flops(torch.bfloat16, max_n, repeats)
     return {
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "matmul_n": n,
-        "matmul_fp32_flops": matmul_flops(torch.float32, n, repeats),
-        "matmul_bf16_flops": matmul_flops(torch.bfloat16, n, repeats),
+        "matmul_fp32_n": n32,
+        "matmul_bf16_n": n16,
+        "matmul_fp32_flops": fp32,
+        "matmul_bf16_flops": bf16,
         "memory_bandwidth_bytes_s": memory_bandwidth(64 if quick else 256, repeats + 3),
         "loadavg_1min": os.getloadavg()[0],
     }

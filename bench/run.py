@@ -138,8 +138,8 @@ def render(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes):
         lines.append(f"| {area} | {what} | {goal} | {measured} | {mark} |")
     if cpu:
         lines += ["", "## CPU limits (bench/bench_cpu.py)", "", "| | value |", "|---|---|",
-                  f"| matmul fp32 ({cpu['matmul_n']}^3, torch.mm, best of repeats) | {cpu['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s |",
-                  f"| matmul bf16 | {cpu['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s |",
+                  f"| matmul fp32 (n={cpu['matmul_fp32_n']}, torch.mm, best of repeats) | {cpu['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s |",
+                  f"| matmul bf16 (n={cpu['matmul_bf16_n']}) | {cpu['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s |",
                   f"| memory bandwidth (large tensor copy, read + write) | {cpu['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s |"]
     if pre:
         lines += ["", "## Preprocessing (bench/bench_preprocess.py)", "",

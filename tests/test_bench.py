@@ -1,0 +1,82 @@
+"""What the speed work changed must not change results: the warm (cached) path, the tokenizer fingerprint,
+and the benchmark report generator (checked on made-up figures; nothing here is timed)."""
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+import utils
+from utils import load_records, tokenize_supervised
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_warm_cache_reads_like_the_cold_list(tokenizer, tmp_path):
+    records = load_records(utils.SHARED_DATA_DIR / "GenMedGPT-5k.json")[:30]
+    cold = utils.tokenize_cached(records, tokenizer, 256, tmp_path)
+    warm = utils.tokenize_cached(records, tokenizer, 256, tmp_path)
+    assert isinstance(warm, utils.TokenizedExamples) and isinstance(cold, list)
+    assert warm == cold == tokenize_supervised(records, tokenizer, 256)
+    assert len(warm) == 30 and warm[-1] == cold[-1] and warm[3:7] == cold[3:7] and list(warm) == cold
+    assert all(type(t) is int for t in warm[0]["input_ids"] + warm[0]["labels"])  # plain lists, as before
+    for i in (30, -31):
+        try:
+            warm[i]
+        except IndexError:
+            pass
+        else:
+            raise AssertionError(f"index {i} should be out of range")
+    for collate in (lambda b: utils.collate_padded(b, tokenizer.pad_token_id), utils.collate_packed):
+        a, b = collate(list(warm[:4])), collate(cold[:4])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loader = torch.utils.data.DataLoader(warm, batch_size=4, collate_fn=utils.collate_packed)
+    assert sum(int(batch["shift_labels"].numel()) for batch in loader) == sum(
+        sum(t != utils.IGNORE_INDEX for t in e["labels"]) for e in cold)
+
+
+def test_fingerprint_ignores_and_keeps_per_call_settings(tokenizer):
+    before = utils.tokenizer_fingerprint(tokenizer)
+    tokenizer(["a b c", "d"], max_length=5, truncation=True, padding="max_length")
+    backend = tokenizer.backend_tokenizer
+    settings = (backend.truncation, backend.padding)
+    assert utils.tokenizer_fingerprint(tokenizer) == before
+    assert (backend.truncation, backend.padding) == settings  # restored after hashing
+
+
+def fake_results():
+    cpu = {"cpu": "Test CPU", "cpu_flags": ["avx2"], "matmul_fp32_n": 8, "matmul_bf16_n": 8, "matmul_fp32_flops": 100e9,
+           "matmul_bf16_flops": 10e9, "memory_bandwidth_bytes_s": 20e9}
+    pre = {"records": 5452, "original_s": 10.0, "cold_s": 2.0, "warm_s": 0.1, "cold_speedup": 5.0,
+           "warm_speedup": 100.0, "tokenizers_parallelism": "true", "nproc": 2, "ranks_tokenizing": 1,
+           "examples_per_rank": [5, 5]}
+
+    def row(name, flags, sup, loss, bf16=False):
+        return {"name": name, "flags": flags, "steps": 2, "seconds": 10.0, "supervised_tokens_s": sup,
+                "tokens_s": 3 * sup, "padding_waste": 0.2, "mean_loss_timed": loss, "model_flops_s": 50e9,
+                "peak_rss_bytes": 2**31, "bf16": bf16, "n_params": 135e6}
+
+    tr = {"padded": row("padded", [], 10.0, 2.0), "packing": row("packing", ["--packing", "True"], 16.0, 2.0),
+          "packing_bf16": row("packing_bf16", ["--packing", "True", "--bf16", "True"], 4.0, 2.01, bf16=True),
+          "padded_gradient_checkpointing": row("padded_gradient_checkpointing", ["--gradient_checkpointing", "True"],
+                                               8.0, 2.0),
+          "group_by_length": {"name": "group_by_length", "error": ["boom"]}}
+    return cpu, pre, tr
+
+
+def test_report_has_goal_rows_and_keeps_gpu_honest(tmp_path):
+    import run
+
+    cpu, pre, tr = fake_results()
+    rows = run.goal_rows(cpu, pre, tr, None)
+    by_what = {what: (goal, measured, met) for _, what, goal, measured, met in rows}
+    packing = next(v for k, v in by_what.items() if k.startswith("`--packing True` supervised"))
+    assert packing[1] == "1.60x" and packing[2] is True
+    assert any(m == "not measured: no GPU lent this session" for _, m, _ in by_what.values())
+    args = Namespace(quick=False, train_records=512, batch_size=4)
+    text = run.render(args, cpu, pre, tr, None, 1.0, 1.0, "now", 1.0)
+    assert "| Preprocessing | warm (cached) vs original | >= 50x | 100.00x (100 ms) | yes |" in text
+    assert "failed: ['boom']" in text and "## GPU" in text
+    run.chart(tr, pre, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 1000
