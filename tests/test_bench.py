@@ -55,7 +55,7 @@ def fake_results():
     def row(name, flags, sup, loss, bf16=False):
         return {"name": name, "flags": flags, "steps": 2, "seconds": 10.0, "supervised_tokens_s": sup,
                 "tokens_s": 3 * sup, "padding_waste": 0.2, "mean_loss_timed": loss, "model_flops_s": 50e9,
-                "peak_rss_bytes": 2**31, "bf16": bf16, "n_params": 135e6}
+                "peak_rss_bytes": 2**31, "bf16": bf16, "n_params": 135e6, "losses": [loss, loss]}
 
     tr = {"padded": row("padded", [], 10.0, 2.0), "packing": row("packing", ["--packing", "True"], 16.0, 2.0),
           "packing_bf16": row("packing_bf16", ["--packing", "True", "--bf16", "True"], 4.0, 2.01, bf16=True),
