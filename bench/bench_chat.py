@@ -83,6 +83,8 @@ def dialogue_timings(model, tokenizer, questions, reuse, max_new_tokens):
     """Per turn: (prompt tokens, seconds to first token, seconds spent after the answer on the next prefix)."""
     c = chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, {"do_sample": False, "max_new_tokens": max_new_tokens,
                                                                "repetition_penalty": 1.1}, reuse_cache=reuse)
+    c.respond(questions[0])  # warm-up: the first call of a process pays one-time costs
+    c.reset()
     rows = []
     for question in questions:
         c.respond(question)
