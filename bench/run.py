@@ -176,6 +176,20 @@ def render(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes):
             lines.append(f"| `{flags}` | {r['supervised_tokens_s']:.1f} | {r['tokens_s']:.1f} | "
                          f"{r['padding_waste']:.1%} | {r['mean_loss_timed']:.4f} | {r['model_flops_s'] / 1e9:.1f} | "
                          f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    lines += ["", "## How the figures are made", "",
+              "- Training rows run `train.train()` with the flags shown, in a fresh process each (peak RSS is that "
+              "process's `ru_maxrss`). Supervised tokens: positions with a label (the response, about a third of a "
+              "GenMedGPT example). Padding waste: padded positions / computed positions.",
+              "- `--packing` is transformers' `DataCollatorWithFlattening` (one row, position ids restarting per "
+              "example; the model builds a block-diagonal causal mask from them, so examples do not see each other: "
+              "tests/test_packing.py) plus `logits_to_keep` / `shift_labels`, so the 49k-vocabulary LM head runs only "
+              "where a label is. The loss is the same sum over the same targets (equal to the padded loss in the "
+              "tests and in the table). `packing_all_logits` is flattening alone.",
+              "- Model FLOPs count real tokens only: 6 x parameters (tied embedding counted once, as the LM head) "
+              "x tokens + 6 x layers x hidden x length^2 per example (causal attention, forward and backward). "
+              "MFU is that rate over the matmul peak of the same dtype measured in the same run.",
+              "- bf16: this CPU has no bf16 instructions (no avx512_bf16 / amx), so bf16 matmuls take a slow path; "
+              "train.py drops `--bf16` on such CPUs (`utils.cpu_has_native_bf16`) and trains in fp32."]
     lines += ["", "## GPU (bench/bench_gpu.py)", ""]
     if gpu and "rows" in gpu:
         lines += [f"Device: {gpu['device']}; bf16 peak {gpu['peak_flops'] / 1e12:.0f} TFLOP/s.", "",
@@ -187,16 +201,34 @@ def render(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes):
     return "\n".join(lines) + "\n"
 
 
+def write_doc(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes):
+    """docs/BENCHMARKS.md from the results; an existing '## Chat' section is kept as it is."""
+    args.batch_size = 4
+    chart(tr, pre, CHART)
+    old = DOC.read_text() if DOC.exists() else ""
+    chat = old[old.find(CHAT_SECTION + "\n"):] if CHAT_SECTION + "\n" in old else ""
+    text = render(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes)
+    DOC.write_text(text + ("\n" + chat if chat else ""))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip", default="", help="comma-separated: cpu,preprocess,train,chat,gpu")
     p.add_argument("--train_steps", type=int)
+    p.add_argument("--from_json", action="store_true", help="re-render docs/BENCHMARKS.md from docs/benchmarks.json")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     args.batch_size = 4
     args.train_records = 256 if args.quick else 512
     steps = args.train_steps or (1 if args.quick else 4)
+    if args.from_json:
+        saved = json.loads(RESULTS.read_text())
+        meta = saved["meta"]
+        args.quick, args.train_records = meta["quick"], meta["train_records"]
+        write_doc(args, saved["cpu"], saved["preprocess"], saved["train"], saved["gpu"], meta["load_start"],
+                  meta["load_end"], meta["started"], meta["minutes"])
+        return
     t0, started, load_start = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]
     print(f"bench: load average {load_start:.1f} at start")
 
@@ -224,14 +256,12 @@ def main():
             import bench_gpu
 
             gpu = bench_gpu.run(quick=args.quick)
-    minutes = (time.perf_counter() - t0) / 60
+    minutes, load_end = (time.perf_counter() - t0) / 60, os.getloadavg()[0]
     DOC.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpu": cpu, "preprocess": pre, "train": tr, "gpu": gpu}, indent=1))
-    chart(tr, pre, CHART)
-    old = DOC.read_text() if DOC.exists() else ""
-    chat = old[old.find(CHAT_SECTION + "\n"):] if CHAT_SECTION + "\n" in old else ""
-    text = render(args, cpu, pre, tr, gpu, load_start, os.getloadavg()[0], started, minutes)
-    DOC.write_text(text + ("\n" + chat if chat else ""))
+    meta = {"quick": args.quick, "train_records": args.train_records, "load_start": load_start,
+            "load_end": load_end, "started": started, "minutes": minutes}
+    RESULTS.write_text(json.dumps({"cpu": cpu, "preprocess": pre, "train": tr, "gpu": gpu, "meta": meta}, indent=1))
+    write_doc(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes)
     chat_script = ROOT / "bench" / "bench_chat.py"
     if chat_script.exists() and "chat" not in skip:
         print("chat ...", flush=True)
