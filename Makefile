@@ -17,7 +17,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 40
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test test-fast recipe eval bench clean
+.PHONY: setup data model demo test chat recipe eval bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -39,7 +39,8 @@ demo: data model
 		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) $(DEMO_ARGS)
 	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
 		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) $(DEMO_ARGS)
-	$(PY) chat.py --model_path pretrained --greedy --prompt "$(DEMO_QUESTION)"
+	@printf '\nPatient: %s\nChatDoctor: ' "$(DEMO_QUESTION)"
+	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)"
 
 test: data model
 	$(PY) -m pytest -q tests
@@ -58,6 +59,10 @@ recipe: data
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path models/stage1 \
 		--data_path $(STAGE2_DATA) --output_dir pretrained $(RECIPE_ARGS)
+
+CHAT_MODEL ?= pretrained
+chat: setup
+	$(PY) chat.py --model_path $(CHAT_MODEL)
 
 clean:
 	rm -rf .cache runs
