@@ -47,14 +47,19 @@ def verified_source(source_dir, name):
     return path
 
 
+def question_of(record):
+    return (record["instruction"].strip(), record["input"].strip())
+
+
 def split_genmedgpt(records, heldout_size=HELDOUT_SIZE, seed=SPLIT_SEED):
-    """Deterministic train / held-out split by shuffled index; identical records never straddle it."""
+    """Deterministic train / held-out split by shuffled index. A patient question never straddles it:
+    GenMedGPT-5k repeats a few questions with other answers, and those stay out of train."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     heldout_idx = set(order[:heldout_size])
     heldout = [records[i] for i in sorted(heldout_idx)]
-    heldout_keys = {json.dumps(r, sort_keys=True) for r in heldout}
-    train = [r for i, r in enumerate(records) if i not in heldout_idx and json.dumps(r, sort_keys=True) not in heldout_keys]
+    heldout_questions = {question_of(r) for r in heldout}
+    train = [r for i, r in enumerate(records) if i not in heldout_idx and question_of(r) not in heldout_questions]
     return train, heldout
 
 

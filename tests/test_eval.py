@@ -141,8 +141,6 @@ def test_heldout_never_overlaps_train(tmp_path):
     assert heldout == json.loads((tmp_path / "data" / "genmedgpt_heldout.json").read_text())
 
 
-@pytest.mark.xfail(strict=True, reason="split_genmedgpt dedups whole records only: GenMedGPT-5k repeats 3 patient "
-                   "questions with different answers, and 1 of the 200 held-out questions is also in train")
 def test_heldout_questions_not_in_train():
     import prepare
 
