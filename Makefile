@@ -41,6 +41,9 @@ demo: data model
 		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) $(DEMO_ARGS)
 	@printf '\nPatient: %s\nChatDoctor: ' "$(DEMO_QUESTION)"
 	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)"
+	# What each stage did, on a few held-out examples (make eval for the full comparison)
+	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained --num_examples 8 \
+		--max_new_tokens 64 --output_dir runs/demo-eval --results_md runs/demo-eval/RESULTS.md
 
 test: data model
 	$(PY) -m pytest -q tests
@@ -59,6 +62,12 @@ recipe: data
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path models/stage1 \
 		--data_path $(STAGE2_DATA) --output_dir pretrained $(RECIPE_ARGS)
+
+EVAL_N ?= 50
+# Base model, stage 1 and ./pretrained on the same held-out examples -> docs/RESULTS.md + docs/results.png
+eval: data model
+	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained \
+		--num_examples $(EVAL_N) --output_dir runs/eval --results_md docs/RESULTS.md
 
 CHAT_MODEL ?= pretrained
 chat: setup
