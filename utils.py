@@ -355,34 +355,31 @@ def check_model_path(path):
         raise ModelLoadError(f"{path}: no weights (*.safetensors)")
 
 
-def load_tokenizer(path, trust_remote_code=False, **kwargs):
-    from transformers import AutoTokenizer
-
+def _from_pretrained(auto_class, what, path, **kwargs):
+    """auto_class.from_pretrained on a checked local folder, a hub id or a .gguf file; one-line errors."""
     check_model_path(path)
     p = Path(path).expanduser()
     if p.suffix == ".gguf":
         kwargs["gguf_file"] = p.name
         path = str(p.parent)
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+        return auto_class.from_pretrained(str(path), **kwargs)
     except Exception as e:  # transformers raises many kinds, some with multi-line text
-        raise ModelLoadError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
+        raise ModelLoadError(f"{path}: cannot load {what} ({_first_line(e)})") from None
+
+
+def load_tokenizer(path, trust_remote_code=False, **kwargs):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, "tokenizer", path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_model(path, dtype=None, trust_remote_code=False, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    check_model_path(path)
-    p = Path(path).expanduser()
-    if p.suffix == ".gguf":
-        kwargs["gguf_file"] = p.name
-        path = str(p.parent)
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
-        )
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot load model ({_first_line(e)})") from None
+    return _from_pretrained(
+        AutoModelForCausalLM, "model", path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
 
 
 def load_model_and_tokenizer(path, dtype=None, trust_remote_code=False):
