@@ -10,6 +10,7 @@ In the dialogue: /reset starts a new conversation, /help lists the commands, /ex
 Ctrl-C stops an answer; at the prompt it quits.
 """
 import argparse
+import errno
 import importlib.util
 import os
 import re
@@ -435,6 +436,18 @@ def run_interactive(chat):
         print("\n")
 
 
+def decoded_lines(stream, encoding, info):
+    """The lines of the byte `stream` as text; a line with bytes that are not `encoding` is still answered,
+    with those bytes replaced by U+FFFD and a notice on `info`."""
+    for number, raw in enumerate(stream, 1):
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            say(f"(input line {number} is not valid {encoding} at byte {e.start}: "
+                f"the bytes that are not text are replaced by U+FFFD)", info)
+            yield raw.decode(encoding, errors="replace")
+
+
 def run_lines(chat, lines):
     """Piped stdin: each non-empty line is a patient turn of one conversation; each answer on its own line."""
     for line in lines:
@@ -483,6 +496,12 @@ def parse_args(argv=None):
     return args
 
 
+def argv_text(value):
+    """`value` from the command line with any bytes that are not text as U+FFFD (Python hands them over as
+    lone surrogates, which the tokenizer refuses)."""
+    return os.fsencode(value).decode(sys.getfilesystemencoding(), errors="replace")
+
+
 def generation_settings(args):
     settings = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
     if args.greedy:
@@ -516,9 +535,10 @@ def main(argv=None):
         chat = Chat(model, tokenizer, args.prompt_style, generation_settings(args))
         say(f"[{args.model_path} · {device} {dtype} · prompt {args.prompt_style}] {SAFETY_NOTICE}", info)
         if args.prompt is not None:
-            return run_lines(chat, [args.prompt.replace("\n", " ")])
+            return run_lines(chat, [argv_text(args.prompt).replace("\n", " ")])
         if not interactive:
-            return run_lines(chat, sys.stdin)
+            return run_lines(chat, decoded_lines(sys.stdin.buffer, sys.stdin.encoding or "utf-8", sys.stderr))
+        sys.stdin.reconfigure(errors="replace")  # bytes typed or pasted in that are not text: U+FFFD, not a crash
         return run_interactive(chat)
     except ModelLoadError as e:
         hint = " (train one with train.py, or pass --model_path)" if "not found" in str(e) else ""
@@ -531,6 +551,8 @@ def main(argv=None):
     except BrokenPipeError:  # e.g. `python chat.py < questions.txt | head -1`
         sys.stderr.close()
         return 0
+    except OSError as e:  # EIO: the terminal was closed while SIGHUP is ignored (nohup), else it ends us quietly
+        fail("the terminal was closed" if e.errno == errno.EIO else f"{type(e).__name__}: {_first_line(e)}", code=1)
     except Exception as e:  # never a traceback: one line that says what broke
         fail(f"{type(e).__name__}: {_first_line(e)}", code=1)
 

@@ -274,7 +274,7 @@ def test_one_shot_prints_the_emergency_notice_first(tiny_model_dir, capsys):
 
 
 def test_piped_lines_are_one_conversation(tiny, tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("I have a sore throat\n\nIt hurts to swallow\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"I have a sore throat\n\nIt hurts to swallow\n")))
     assert chat.main(tiny_args(tiny_model_dir)) == 0
     out, _ = capsys.readouterr()
     assert out == "".join(a + "\n" for a in expected_answers(tiny, ["I have a sore throat", "It hurts to swallow"]))
@@ -328,11 +328,13 @@ def test_8bit_without_cuda_is_a_clear_error(tiny_model_dir, capsys):
 class Terminal:
     """chat.py in a pseudo-terminal, read and typed into like a person would."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, stderr=None):
+        """stderr: where the program's stderr goes (a file, say) instead of the terminal."""
         self.master, slave = pty.openpty()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.process = subprocess.Popen([sys.executable, "chat.py", *args], cwd=ROOT, stdin=slave, stdout=slave,
-                                        stderr=slave, env=env, preexec_fn=self.take_terminal)
+                                        stderr=slave if stderr is None else stderr, env=env,
+                                        preexec_fn=self.take_terminal)
         os.close(slave)
         self.output = ""
 
