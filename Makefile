@@ -53,10 +53,11 @@ NGPUS ?= 4
 STAGE1_DATA ?= alpaca_data.json
 STAGE2_DATA ?= HealthCareMagic-100k.json
 PORT ?= 29500
+EXTRA_ARGS ?=
 RECIPE_ARGS := $(PAPER_ARGS) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
 	--gradient_accumulation_steps 8 --logging_steps 1 --save_strategy steps --save_steps 2000 --save_total_limit 1 \
 	--fsdp "full_shard auto_wrap" \
-	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer
+	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer $(EXTRA_ARGS)
 recipe: data
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path $(BASE_MODEL) \
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
@@ -68,6 +69,10 @@ EVAL_N ?= 50
 eval: data model
 	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained \
 		--num_examples $(EVAL_N) --output_dir runs/eval --results_md docs/RESULTS.md
+
+# Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run
+bench: data model
+	$(PY) bench/run.py
 
 CHAT_MODEL ?= pretrained
 chat: setup

@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # batched tokenization 
 
 import torch
 import transformers
-from transformers import DataCollatorWithFlattening, HfArgumentParser
+from transformers import HfArgumentParser
 
 import checkpoints
 import utils
