@@ -14,6 +14,7 @@ import errno
 import importlib.util
 import os
 import re
+import signal
 import sys
 import time
 
@@ -539,6 +540,8 @@ def main(argv=None):
         if not interactive:
             return run_lines(chat, decoded_lines(sys.stdin.buffer, sys.stdin.encoding or "utf-8", sys.stderr))
         sys.stdin.reconfigure(errors="replace")  # bytes typed or pasted in that are not text: U+FFFD, not a crash
+        # A program started in the background of a script inherits SIGINT ignored; in a terminal, Ctrl-C must work.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_interactive(chat)
     except ModelLoadError as e:
         hint = " (train one with train.py, or pass --model_path)" if "not found" in str(e) else ""
