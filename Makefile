@@ -11,10 +11,9 @@ PAPER_ARGS := --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_sc
 	--model_max_length 512 --bf16 True --tf32 True --evaluation_strategy no --report_to none
 # A CPU-sized run: padding-free packing (docs/BENCHMARKS.md), no intermediate checkpoints (each holds
 # a 1 GB optimizer state). On a CPU without native bf16, train.py swaps --bf16 for fp32 and says so.
-DEMO_ARGS := $(PAPER_ARGS) --packing True --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
-	--logging_steps 2 --save_strategy no
+DEMO_ARGS := $(PAPER_ARGS) --packing True --gradient_accumulation_steps 1 --logging_steps 5 --save_strategy no
 DEMO_STAGE1_STEPS ?= 10
-DEMO_STAGE2_STEPS ?= 40
+DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
 .PHONY: setup data model demo test chat recipe eval bench clean
@@ -36,11 +35,12 @@ model: setup
 
 demo: data model
 	$(PY) train.py --model_name_or_path $(BASE_MODEL) --data_path alpaca_data.json --output_dir models/stage1 \
-		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) $(DEMO_ARGS)
+		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) --per_device_train_batch_size 4 $(DEMO_ARGS)
 	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
-		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) $(DEMO_ARGS)
-	@printf '\nPatient: %s\nChatDoctor: ' "$(DEMO_QUESTION)"
-	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)"
+		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) --per_device_train_batch_size 8 $(DEMO_ARGS)
+	@mkdir -p runs
+	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)" > runs/demo-answer.txt
+	@printf '\nPatient: %s\nChatDoctor: %s\n\n' "$(DEMO_QUESTION)" "$$(cat runs/demo-answer.txt)"
 	# What each stage did, on a few held-out examples (make eval for the full comparison)
 	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained --num_examples 8 \
 		--max_new_tokens 64 --output_dir runs/demo-eval --results_md runs/demo-eval/RESULTS.md
