@@ -101,19 +101,24 @@ def test_sigkill_during_a_save_then_same_command_resumes_to_the_same_weights(run
     assert not list(out.glob("tmp-*"))
 
 
+def disk_full_when_saving_to(monkeypatch, path_part):
+    """torch.save raises ENOSPC for any file whose path contains `path_part`, as a full disk would."""
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if path_part in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint_save_keeps_the_previous_one_and_resume_works(
         run, reference, monkeypatch, capsys, caplog):
     args = run("diskfull")
     out = out_dir(args)
-    real_save = torch.save
-
-    def disk_full_at_step_4(obj, f, *a, **k):
-        if "checkpoint-4" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *a, **k)
-
-    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    disk_full_when_saving_to(monkeypatch, "checkpoint-4")
     with pytest.raises(SystemExit) as exit_info:
         train.main(args)
     assert exit_info.value.code == 2
@@ -148,14 +153,7 @@ def test_disk_full_during_the_final_save_leaves_no_final_model_and_rerun_finishe
         run, reference, monkeypatch, capsys):
     args = run("finalfull")
     out = out_dir(args)
-    real_save = torch.save
-
-    def disk_full_in_final_save(obj, f, *a, **k):
-        if "tmp-final" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *a, **k)
-
-    monkeypatch.setattr(torch, "save", disk_full_in_final_save)
+    disk_full_when_saving_to(monkeypatch, "tmp-final")
     with pytest.raises(SystemExit):
         train.main(args)
     assert "disk full" in capsys.readouterr().err
