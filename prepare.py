@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 from utils import SHARED_DATA_DIR, DataError, ModelLoadError, fail, load_records

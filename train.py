@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path

@@ -125,7 +125,6 @@ def machine(cpu):
 
 
 def render(args, cpu, pre, tr, gpu, load_start, load_end, started, minutes):
-    import torch
     import transformers
 
     lines = ["# Benchmarks", "",
