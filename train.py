@@ -56,7 +56,7 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "Sequences are truncated to this many tokens."})
-    optim: str = field(default="adamw_torch")
+    optim: str = field(default="adamw_torch_fused", metadata={"help": "AdamW as one fused kernel (same update)."})
     packing: bool = field(default=False, metadata={"help": "Padding-free batches: examples concatenated in one row."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh instead of resuming."})
     # Flags of the 2023 command that transformers 5 no longer knows; mapped in __post_init__.
@@ -288,6 +288,8 @@ def train(argv=None):
         model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code
     )
     utils.ensure_pad_token(tokenizer, model)
+    if training_args.packing:
+        logger.info(f"--packing: attention {utils.use_packed_attention(model)} (one causal attention per example)")
     configure_fsdp(training_args, model)
 
     trainer = AtomicCheckpointTrainer(

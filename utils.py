@@ -309,7 +309,8 @@ def collate_packed(examples, logits_only_where_supervised=True):
     import torch
     from transformers import DataCollatorWithFlattening
 
-    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(examples)
+    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                       return_flash_attn_kwargs=True)(examples)
     if logits_only_where_supervised:
         labels = batch["labels"]
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -317,6 +318,43 @@ def collate_packed(examples, logits_only_where_supervised=True):
         batch["logits_to_keep"] = keep  # boolean (1, tokens): the LM head sees only these positions
         batch["shift_labels"] = shifted[keep]
     return batch
+
+
+PACKED_ATTENTION = "sdpa_packed"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """Varlen attention for packed rows where flash-attn is missing (CPU, most GPUs without the package):
+    SDPA once per example, causal within it. The block-diagonal mask transformers builds for a packed row
+    would make SDPA compute every token against the whole row, (row / example length) times the work.
+    Without sequence boundaries (a padded batch, generation) it is plain SDPA with the mask."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
+                               **kwargs)[0]
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model):
+    """Switch a model with SDPA attention to `packed_sdpa_attention` (flash attention is kept: it is varlen already)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    current = model.config._attn_implementation
+    if current != "sdpa":
+        return current
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return PACKED_ATTENTION
 
 
 # ----------------------------------------------------------------------------- models

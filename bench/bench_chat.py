@@ -10,6 +10,7 @@ KV cache kept between turns and with everything re-encoded each turn.
 Styles: ROUGE-L F1 of single-turn answers against the held-out reference, per --prompt_style.
 """
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -79,6 +80,21 @@ def forward_speed(model, tokens=64):
     return tokens / (time.perf_counter() - start)
 
 
+def overhead_floor(model, tokens=64):
+    """Seconds per decoded token of the same architecture (layers, heads, attention, cache) with near-zero
+    weights: what PyTorch and the modelling code cost per token before any weight is read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    heads = config.num_attention_heads
+    config.head_dim = 4
+    config.hidden_size, config.intermediate_size, config.vocab_size = heads * 4, 32, 256
+    tiny = AutoModelForCausalLM.from_config(config).eval()
+    forward_speed(tiny, 8)  # warm-up
+    return 1 / forward_speed(tiny, tokens)
+
+
 def dialogue_timings(model, tokenizer, questions, reuse, max_new_tokens):
     """Per turn: (prompt tokens, seconds to first token, seconds spent after the answer on the next prefix)."""
     c = chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, {"do_sample": False, "max_new_tokens": max_new_tokens,
@@ -115,15 +131,23 @@ def machine():
             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
 
 
-def report(args, bandwidth, weights, decode, forward, timings, styles, load_start):
+def report(args, bandwidth, weights, decode, forward, plain, floor, timings, styles, load_start):
     bound = bandwidth / weights
+    reachable = 1 / (1 / bound + floor)  # every weight read at full bandwidth, plus the per-token floor
     lines = [SECTION, "", f"`{' '.join(['python bench/bench_chat.py'] + sys.argv[1:])}` on {load_start}; model "
              f"`{args.model_path}` ({weights / 1e6:.0f} MB of float32 weights), {time.strftime('%Y-%m-%d')}.", "",
              "| decode (greedy, after the prompt) | value |", "|---|---|",
              f"| memory bandwidth (torch copy, read + write) | {bandwidth / 1e9:.1f} GB/s |",
              f"| bound: bandwidth / weight bytes | {bound:.1f} tokens/s |",
-             f"| model forward alone (1 token, KV cache) | {forward:.1f} tokens/s ({forward / bound:.0%} of bound) |",
-             f"| `generate()` as chat.py calls it | {decode:.1f} tokens/s ({decode / bound:.0%} of bound) |", "",
+             f"| model forward alone (1 token, KV cache), plain `nn.Linear` | {plain['forward']:.1f} tokens/s "
+             f"({plain['forward'] / bound:.0%} of bound) |",
+             f"| `generate()`, plain `nn.Linear` | {plain['generate']:.1f} tokens/s ({plain['generate'] / bound:.0%} of bound) |",
+             f"| model forward alone, with `chat.split_cpu_gemv` | {forward:.1f} tokens/s ({forward / bound:.0%} of bound) |",
+             f"| `generate()` as chat.py runs it (with `split_cpu_gemv`) | {decode:.1f} tokens/s "
+             f"({decode / bound:.0%} of bound) |",
+             f"| per-token floor: same architecture, near-zero weights | {floor * 1000:.1f} ms/token |",
+             f"| reachable: weights at full bandwidth + the floor | {reachable:.1f} tokens/s ({reachable / bound:.0%} "
+             f"of bound) |", "",
              f"Time to first token in one greedy {chat.DEFAULT_PROMPT_STYLE}-style dialogue of held-out questions "
              f"(answers up to {args.max_new_tokens} tokens become the history):", "",
              "| turn | prompt tokens | first token, cache reused | first token, re-encoded | "
@@ -175,6 +199,7 @@ def main():
     p.add_argument("--style_penalties", default="1.1,1.0", help="repetition penalties for the style comparison")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--write", help="markdown file whose '## Chat' section gets the results")
+    p.add_argument("--json", help="also write the headline figures here (bench/run.py's goal table reads them)")
     args = p.parse_args()
 
     import torch
@@ -188,10 +213,14 @@ def main():
     model.eval()
     records = load_data(args.data_path)
     bandwidth, weights = memory_bandwidth(), weight_bytes(model)
+    plain = {"forward": forward_speed(model), "generate": decode_speed(model, tokenizer, args.decode_tokens)}
+    chat.split_cpu_gemv(model)  # what chat.py does on CPU
     forward = forward_speed(model)
     decode = decode_speed(model, tokenizer, args.decode_tokens)
+    floor = overhead_floor(model)
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, bound {bandwidth / weights:.1f} tok/s, "
-          f"forward {forward:.1f} tok/s, generate {decode:.1f} tok/s", flush=True)
+          f"forward {plain['forward']:.1f} -> {forward:.1f} tok/s, generate {plain['generate']:.1f} -> {decode:.1f} "
+          f"tok/s, overhead floor {floor * 1000:.1f} ms/token", flush=True)
     questions = [records[i]["input"] for i in example_indices(len(records), args.turns)]
     reuse, answers_reuse = dialogue_timings(model, tokenizer, questions, True, args.max_new_tokens)
     fresh, answers_fresh = dialogue_timings(model, tokenizer, questions, False, args.max_new_tokens)
@@ -202,10 +231,17 @@ def main():
         picked = [records[i] for i in example_indices(len(records), args.styles)]
         penalties = [float(x) for x in args.style_penalties.split(",")]
         styles = {penalty: style_scores(model, tokenizer, picked, args.style_tokens, penalty) for penalty in penalties}
-    text = report(args, bandwidth, weights, decode, forward, (reuse, fresh), styles, load_start)
+    text = report(args, bandwidth, weights, decode, forward, plain, floor, (reuse, fresh), styles, load_start)
     print(text)
     if args.write:
         write_section(args.write, text)
+    if args.json:
+        bound, last = bandwidth / weights, min(10, len(reuse))
+        Path(args.json).write_text(json.dumps({
+            "bound_tokens_s": bound, "decode_tokens_s": decode, "decode_plain_tokens_s": plain["generate"],
+            "floor_s": floor, "reachable_tokens_s": 1 / (1 / bound + floor), "ttft_turn": last,
+            "ttft_ratio_reuse": reuse[last - 1][1] / reuse[0][1], "ttft_ratio_fresh": fresh[last - 1][1] / fresh[0][1],
+        }, indent=1))
 
 
 if __name__ == "__main__":

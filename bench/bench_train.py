@@ -6,8 +6,7 @@ fp32 vs bf16 autocast, and what --gradient_checkpointing saves in peak memory.
 Each configuration runs `train.train()` with the real flags in its own process (so peak RSS is its own),
 on the same records in the same order (same seed), for 1 warm-up step plus --steps timed steps, with the
 loss logged every step. Supervised tokens are those with a label (the response); padding waste is the
-share of computed positions that are padding. Model FLOPs count real tokens only:
-6 * params * tokens + 6 * layers * hidden * sum(length^2) (causal attention, forward + backward).
+share of computed positions that are padding. Model FLOPs are what the batch needs (`flops_per_batch`).
 """
 import argparse
 import json
@@ -17,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,24 +25,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 MODEL = str(ROOT / "models" / "SmolLM2-135M-Instruct")
-DATA = str(ROOT / "data" / "genmedgpt_train.json")
+DATASETS = {"genmedgpt": str(ROOT / "data" / "genmedgpt_train.json"),  # stage 2 of the recipe
+            "alpaca": str(ROOT / "alpaca_data.json")}  # stage 1
+DATA = DATASETS["genmedgpt"]
 
 # bf16 autocast on a CPU without native bf16 runs many times slower: one timed step is enough to see it.
 FEWER_STEPS = {"packing_bf16": 1}
-# name -> extra train.py flags. "padded" is the original recipe's batching (pad to the longest in the batch).
+ORIGINAL = ["--optim", "adamw_torch"]  # the original's optimizer: AdamW one tensor group at a time, unfused
+# name -> extra train.py flags. "original" is the original recipe's batching (pad to the longest in the batch)
+# and optimizer; "padded" the same batching with this project's default fused AdamW.
 CONFIGS = {
+    "original": ORIGINAL,
     "padded": [],
     "group_by_length": ["--group_by_length", "True"],
-    "packing_all_logits": ["--packing", "True"],  # plain flattening: the LM head at every position
-    "packing": ["--packing", "True"],  # what train.py does: flattening + logits only where a label is
+    "packing_block_mask": ["--packing", "True"],  # one SDPA over the whole row with transformers' block mask
+    "packing_all_logits": ["--packing", "True"],  # + one attention per example; the LM head at every position
+    "packing": ["--packing", "True"],  # what train.py does: + logits only where a label is
     "packing_bf16": ["--packing", "True", "--bf16", "True"],
     "padded_gradient_checkpointing": ["--gradient_checkpointing", "True"],
+    "original_alpaca": ORIGINAL,
+    "packing_alpaca": ["--packing", "True"],
 }
 
 
-def flops_per_batch(config, lengths):
-    n_params = config["n_params"]
-    return sum(6 * n_params * n + 6 * config["layers"] * config["hidden"] * n * n for n in lengths)
+def dataset_of(name):
+    return "alpaca" if name.endswith("_alpaca") else "genmedgpt"
+
+
+def flops_per_batch(config, batch):
+    """The FLOPs a batch needs, however it is computed: every real token through the body, the LM head where a
+    label is (elsewhere its logits are thrown away), causal attention within each example; forward + backward."""
+    body = config["n_params"] - config["head"]
+    attention = 6 * config["layers"] * config["hidden"]
+    return (6 * body * batch["real"] + 6 * config["head"] * batch["supervised"]
+            + sum(attention * n * n for n in batch["lengths"]))
+
+
+def padded_to_packed_flops(config, batches):
+    """The most packing can save on these batches: FLOPs of padded batches (every position through the body
+    and the LM head, attention at the padded width) over the FLOPs they need (`flops_per_batch`, which is what
+    packing computes). At equal FLOP/s that is packing's speed-up."""
+    attention = 6 * config["layers"] * config["hidden"]
+    padded = sum(6 * config["n_params"] * max(b["lengths"]) * len(b["lengths"])
+                 + attention * max(b["lengths"]) ** 2 * len(b["lengths"]) for b in batches)
+    return padded / sum(flops_per_batch(config, b) for b in batches)
 
 
 def worker(name, args, out_path):
@@ -67,8 +93,10 @@ def worker(name, args, out_path):
         return wrapped
 
     make_collator = train.make_collator
-    if name == "packing_all_logits":
-        from functools import partial
+    if name == "packing_block_mask":
+        utils.use_packed_attention = lambda model: model.config._attn_implementation
+        train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
+    elif name == "packing_all_logits":
 
         train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
     else:
@@ -99,7 +127,7 @@ def worker(name, args, out_path):
         train.Trainer = TimedTrainer
     train.save_final_model = lambda *a, **kw: None  # not part of the step time
 
-    records = utils.load_data(args.data_path)[: args.records]
+    records = utils.load_data(args.data_path or DATASETS[dataset_of(name)])[: args.records]
     data_file = Path(out_path).with_suffix(".data.json")
     data_file.write_text(json.dumps(records))
     out_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
@@ -115,16 +143,18 @@ def worker(name, args, out_path):
     n_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as the LM head
     if not getattr(cfg, "tie_word_embeddings", False):
         n_params -= model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
-    config = {"n_params": n_params, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+    config = {"n_params": n_params, "head": cfg.vocab_size * cfg.hidden_size, "layers": cfg.num_hidden_layers,
+              "hidden": cfg.hidden_size}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = batches[1 : 1 + args.steps]  # step 0 is the warm-up
     seconds = sum(step_times[1 : 1 + args.steps])
     result = {
-        "name": name, "flags": CONFIGS[name], "steps": len(timed), "seconds": seconds,
+        "name": name, "flags": CONFIGS[name], "data": dataset_of(name), "steps": len(timed), "seconds": seconds,
         "losses": losses, "mean_loss_timed": sum(losses[1:]) / max(1, len(losses[1:])),
         "supervised_tokens": sum(b["supervised"] for b in timed), "real_tokens": sum(b["real"] for b in timed),
         "computed_positions": sum(b["computed"] for b in timed),
-        "model_flops": sum(flops_per_batch(config, b["lengths"]) for b in timed),
+        "model_flops": sum(flops_per_batch(config, b) for b in timed),
+        "padded_to_packed_flops": padded_to_packed_flops(config, timed),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "bf16": bool(trainer.args.bf16), "threads": torch.get_num_threads(), **config,
     }
@@ -169,7 +199,7 @@ def main():
     p.add_argument("--configs", help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--threads", type=int)
     p.add_argument("--model", default=MODEL)
-    p.add_argument("--data_path", default=DATA)
+    p.add_argument("--data_path", help="instead of each configuration's own (GenMedGPT, or Alpaca for *_alpaca)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()

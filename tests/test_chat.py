@@ -217,6 +217,42 @@ def test_cache_reuse_gives_the_same_greedy_answers_and_encodes_less(tiny):
     assert runs[True, "prefill"] <= len(tokenizer(questions[-1])["input_ids"]) + 8  # only the new message
 
 
+def test_split_cpu_gemv_keeps_logits_and_greedy_answers(tiny_model_dir, embedded):
+    import torch
+    from utils import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    model.eval()
+    ids = tokenizer("Patient: I have a cough.", return_tensors="pt")["input_ids"]
+    questions = ["I have a headache and a fever.", "It started two days ago."]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        steps_before = [model(input_ids=ids[:, : n + 1]).logits[0, -1] for n in range(3)]
+    answers_before = chat.Chat(model, tokenizer, "chatdoctor", GREEDY).respond_all(questions)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert chat.split_cpu_gemv(model, parts=2) == len(linears) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # many rows: nn.Linear
+        for n, logits in enumerate(steps_before):  # one row at a time: the blocked path
+            hidden = model.model(input_ids=ids[:, : n + 1]).last_hidden_state[:, -1:]
+            torch.testing.assert_close(model.lm_head(hidden)[0, 0], logits, rtol=1e-5, atol=1e-5)
+    assert chat.Chat(model, tokenizer, "chatdoctor", GREEDY).respond_all(questions) == answers_before
+    # Gradients go through nn.Linear untouched
+    loss = model(input_ids=ids[:, :1], labels=ids[:, :1]).logits.sum()
+    loss.backward()
+    assert all(m.weight.grad is not None for m in linears)
+    # The embedded default decodes the same greedy tokens with the blocked matmul
+    big, big_tokenizer = embedded
+    question = ["I have had a sore throat for a week."]
+    plain_answer = chat.Chat(big, big_tokenizer, "chatdoctor", GREEDY).respond_all(question)
+    try:
+        chat.split_cpu_gemv(big, parts=2)
+        assert chat.Chat(big, big_tokenizer, "chatdoctor", GREEDY).respond_all(question) == plain_answer
+    finally:
+        for m in big.modules():
+            m.__dict__.pop("forward", None)
+
+
 def test_ctrl_c_during_an_answer_forgets_the_exchange(tiny, monkeypatch):
     model, tokenizer = tiny
     c = chat.Chat(model, tokenizer, "chatdoctor", GREEDY)

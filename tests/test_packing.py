@@ -34,9 +34,16 @@ PLAIN_PACKED = partial(utils.collate_packed, logits_only_where_supervised=False)
 
 
 def model_from(path, attn):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    """attn: a transformers implementation, or utils.PACKED_ATTENTION (what train.py --packing switches to)."""
+    packed = attn == utils.PACKED_ATTENTION
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa" if packed else attn)
+    if packed:
+        assert utils.use_packed_attention(model) == utils.PACKED_ATTENTION
     model.config.use_cache = False  # what the Trainer does (TrainingArguments.use_cache defaults to False)
     return model.eval()
+
+
+ATTENTIONS = ["sdpa", "eager", utils.PACKED_ATTENTION]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def test_packed_batch_is_one_row_with_restarting_positions(tokenizer, examples):
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["supervised-logits", "all-logits"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ATTENTIONS)
 def test_packed_and_padded_give_same_loss_and_gradients(tokenizer, tiny_model_dir, examples, attn, plain):
     padded, packed = collators(tokenizer)
     packed = PLAIN_PACKED if plain else packed
@@ -83,11 +90,40 @@ def test_same_loss_on_the_embedded_default(tokenizer, embedded_model_dir, exampl
     with torch.no_grad():
         loss_padded = model(**padded(examples)).loss
         loss_packed = model(**packed(examples)).loss
+        utils.use_packed_attention(model)
+        loss_packed_attention = model(**packed(examples)).loss
+        loss_padded_packed_attention = model(**padded(examples)).loss  # no boundaries: plain SDPA with the mask
     assert 0.1 < float(loss_padded) < 20
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_packed_attention, loss_padded, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_padded_packed_attention, loss_padded, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_attention_runs_one_attention_per_example(tokenizer, tiny_model_dir, examples, monkeypatch):
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(query, key, value, **kwargs):
+        calls.append((query.shape[2], kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return original(query, key, value, **kwargs)
+
+    batch = collators(tokenizer)[1](examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["cu_seq_lens_q"].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
+    model = model_from(tiny_model_dir, utils.PACKED_ATTENTION)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        model(**batch)
+    layers = model.config.num_hidden_layers
+    assert calls == [(n, True, True) for n in lengths] * layers  # each example alone, causal, no mask
+
+
+def test_packed_attention_keeps_flash_and_eager(tiny_model_dir):
+    model = model_from(tiny_model_dir, "eager")
+    assert utils.use_packed_attention(model) == "eager" and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
 def test_no_attention_across_examples_in_a_packed_row(tokenizer, tiny_model_dir, examples, attn):
     packed = PLAIN_PACKED  # logits at every position, to compare them
     model = model_from(tiny_model_dir, attn)

@@ -45,7 +45,7 @@ def test_seed_flags_are_mapped_and_adapted_to_cpu(caplog, monkeypatch):
     assert args.eval_strategy == "no"
     assert args.warmup_steps == 0.03
     assert args.learning_rate == 2e-5 and args.lr_scheduler_type == "cosine" and args.weight_decay == 0.0
-    assert args.model_max_length == 512 and args.optim == "adamw_torch"
+    assert args.model_max_length == 512 and args.optim == "adamw_torch_fused"
     assert args.use_cpu and not args.tf32 and not args.fsdp
     assert args.bf16 == utils.cpu_has_native_bf16()
     bf16_line = "bf16 as CPU autocast" if args.bf16 else "--bf16 dropped, fp32 instead"
@@ -95,6 +95,29 @@ def test_tiny_training_lowers_loss_and_saved_folder_reloads_with_equal_logits(ti
     trained = trainer.model.to("cpu").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**x).logits, trained(**x).logits, rtol=0, atol=1e-6)
+
+
+def test_packing_trains_on_the_same_losses_as_padding(tiny_model_dir, small_data, tmp_path):
+    """Same seed, same batches: --packing logs the padded run's losses step for step, trains with one
+    attention per example, and saves a folder that loads without project code."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for packing in ("False", "True"):
+        out = tmp_path / f"packing-{packing}"
+        trainer = train.train([
+            "--model_name_or_path", str(tiny_model_dir), "--data_path", str(small_data), "--output_dir", str(out),
+            "--max_steps", "4", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+            "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--packing", packing,
+            "--cache_dir", str(tmp_path / "cache"), "--seed", "1",
+        ])
+        runs[packing] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        expected = utils.PACKED_ATTENTION if packing == "True" else "sdpa"
+        assert trainer.model.config._attn_implementation == expected
+    assert len(runs["True"]) == 4
+    assert runs["True"] == pytest.approx(runs["False"], rel=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packing-True")
+    assert reloaded.config._attn_implementation == "sdpa"
 
 
 def run_train(args, env=None, torchrun=False, timeout=600):
