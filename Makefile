@@ -54,7 +54,8 @@ STAGE1_DATA ?= alpaca_data.json
 STAGE2_DATA ?= HealthCareMagic-100k.json
 PORT ?= 29500
 EXTRA_ARGS ?=
-RECIPE_ARGS := $(PAPER_ARGS) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
+PACKING ?= False
+RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
 	--gradient_accumulation_steps 8 --logging_steps 1 --save_strategy steps --save_steps 2000 --save_total_limit 1 \
 	--fsdp "full_shard auto_wrap" \
 	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer $(EXTRA_ARGS)

@@ -48,6 +48,20 @@ CONFIGS = {
 }
 
 
+DESCRIPTIONS = {
+    "original": "the original: padded, unfused AdamW",
+    "padded": "padded, fused AdamW (this project's default optimizer)",
+    "group_by_length": "length-grouped padded batches",
+    "packing_block_mask": "packed row, one SDPA over it with transformers' block mask, logits everywhere",
+    "packing_all_logits": "packed, one SDPA per example, logits everywhere",
+    "packing": "packed, one SDPA per example, logits only where a label is (train.py --packing)",
+    "packing_bf16": "packing with bf16 autocast",
+    "padded_gradient_checkpointing": "padded with gradient checkpointing",
+    "original_alpaca": "the original, on Alpaca",
+    "packing_alpaca": "train.py --packing, on Alpaca",
+}
+
+
 def dataset_of(name):
     return "alpaca" if name.endswith("_alpaca") else "genmedgpt"
 
