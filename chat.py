@@ -265,6 +265,21 @@ def _blocked_gemv_forward(linear, parts):
     return forward
 
 
+COMPILED_CONTEXT = 1024  # --compile: the static cache every decoded token attends over in full
+
+
+def compile_decoding(model):
+    """--compile: generate() runs each decoding step as one torch.compile'd graph over a static cache, which
+    removes most of PyTorch's per-op cost (about 13 ms of a token on 2 CPU cores; docs/BENCHMARKS.md).
+    Compiling takes about a minute on the first answer; torch caches the result on disk for later runs."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+    model.generation_config.compile_config = config
+    model.generation_config.disable_compile = False
+
+
 def context_window(model, tokenizer):
     sizes = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     sizes = [s for s in sizes if isinstance(s, int) and 0 < s < 1_000_000]
@@ -322,11 +337,13 @@ class Chat:
     """
 
     def __init__(self, model, tokenizer, style=DEFAULT_PROMPT_STYLE, generation=None, context=None,
-                 reuse_cache=True):
+                 reuse_cache=True, static_cache=False):
         self.model, self.tokenizer, self.style = model, tokenizer, style
         self.generation = dict(generation or {"do_sample": False})
         self.max_new_tokens = self.generation.pop("max_new_tokens", 200)
         self.context = context or context_window(model, tokenizer)
+        # A static cache has a fixed size (what compiled decoding needs); every step attends over all of it.
+        self.static_cache = static_cache
         self.budget = self.context - self.max_new_tokens
         if self.count_tokens(build_chat_prompt([(PATIENT, "")], style)) >= self.budget:
             raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in the "
@@ -397,14 +414,20 @@ class Chat:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else eos[0]
 
+    def new_cache(self):
+        from transformers import DynamicCache, StaticCache
+
+        if self.static_cache:
+            return StaticCache(config=self.model.config, max_cache_len=self.context)
+        return DynamicCache(config=self.model.config)
+
     def fill_cache(self, ids):
         """Make the cache hold exactly `ids`, encoding only what it does not already hold."""
         import torch
-        from transformers import DynamicCache
 
         keep = common_prefix_length(self.cached_ids, ids)
         if self.cache is None or keep == 0:
-            self.cache, self.cached_ids, keep = DynamicCache(config=self.model.config), [], 0
+            self.cache, self.cached_ids, keep = self.new_cache(), [], 0
         elif keep < self.cache.get_seq_length():
             self.cache.crop(keep - self.cache.get_seq_length())
         new = ids[keep:]
@@ -522,6 +545,9 @@ def parse_args(argv=None):
     h = p.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     h.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    h.add_argument("--compile", action="store_true",
+                   help=f"compile the decoding step (faster tokens; about a minute on the first answer; history "
+                        f"limited to {COMPILED_CONTEXT} tokens)")
     q = h.add_mutually_exclusive_group()
     q.add_argument("--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA)")
     q.add_argument("--load_in_4bit", action="store_true", help="4-bit weights via bitsandbytes (CUDA)")
@@ -558,6 +584,14 @@ def quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
+def make_chat(args, model, tokenizer):
+    if not args.compile:
+        return Chat(model, tokenizer, args.prompt_style, generation_settings(args))
+    compile_decoding(model)
+    context = min(context_window(model, tokenizer), COMPILED_CONTEXT)
+    return Chat(model, tokenizer, args.prompt_style, generation_settings(args), context=context, static_cache=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     interactive = args.prompt is None and sys.stdin.isatty()
@@ -570,8 +604,11 @@ def main(argv=None):
             from transformers import set_seed
 
             set_seed(args.seed)
-        chat = Chat(model, tokenizer, args.prompt_style, generation_settings(args))
-        say(f"[{args.model_path} · {device} {dtype} · prompt {args.prompt_style}] {SAFETY_NOTICE}", info)
+        chat = make_chat(args, model, tokenizer)
+        say(f"[{args.model_path} · {device} {dtype} · prompt {args.prompt_style}"
+            f"{' · compiled decoding' if args.compile else ''}] {SAFETY_NOTICE}", info)
+        if args.compile:
+            say("(the first answer compiles the model: about a minute)", info)
         if args.prompt is not None:
             return run_lines(chat, [argv_text(args.prompt).replace("\n", " ")])
         if not interactive:

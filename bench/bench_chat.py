@@ -49,9 +49,10 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights count once
 
 
-def decode_speed(model, tokenizer, new_tokens=128, repeats=3):
+def decode_speed(model, tokenizer, new_tokens=128, repeats=3, static_cache=False):
     """Greedy decode tokens/s between the first and the last new token (prompt encoding excluded)."""
     import torch
+    from transformers import StaticCache
 
     ids = tokenizer(chat.build_chat_prompt([("Patient", "I have a fever and a cough.")], "alpaca"),
                     return_tensors="pt")["input_ids"]
@@ -59,9 +60,11 @@ def decode_speed(model, tokenizer, new_tokens=128, repeats=3):
     for _ in range(repeats):
         stamps = []
         streamer = type("Clock", (), {"put": lambda self, v: stamps.append(time.perf_counter()), "end": lambda self: 0})()
+        cache = StaticCache(config=model.config, max_cache_len=chat.COMPILED_CONTEXT) if static_cache else None
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, streamer=streamer, pad_token_id=tokenizer.eos_token_id)
+                           min_new_tokens=new_tokens, streamer=streamer, pad_token_id=tokenizer.eos_token_id,
+                           cache=cache)
         rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))  # stamps[0] is the prompt
     return max(rates)
 
@@ -78,6 +81,17 @@ def forward_speed(model, tokens=64):
         for _ in range(tokens):
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
     return tokens / (time.perf_counter() - start)
+
+
+def compiled_decode_speed(model, tokenizer, new_tokens):
+    """chat.py --compile: (seconds the first, compiling call took, decode tokens/s after it)."""
+    chat.compile_decoding(model)
+    start = time.perf_counter()
+    decode_speed(model, tokenizer, 4, repeats=1, static_cache=True)
+    compile_s = time.perf_counter() - start
+    speed = decode_speed(model, tokenizer, new_tokens, static_cache=True)
+    model.generation_config.compile_config, model.generation_config.disable_compile = None, True
+    return compile_s, speed
 
 
 def overhead_floor(model, tokens=64):
@@ -131,7 +145,7 @@ def machine():
             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
 
 
-def report(args, bandwidth, weights, decode, forward, plain, floor, timings, styles, load_start):
+def report(args, bandwidth, weights, decode, forward, plain, floor, compiled, timings, styles, load_start):
     bound = bandwidth / weights
     reachable = 1 / (1 / bound + floor)  # every weight read at full bandwidth, plus the per-token floor
     command = " ".join(["python bench/bench_chat.py"] + [relative(a) for a in sys.argv[1:]])
@@ -146,14 +160,18 @@ def report(args, bandwidth, weights, decode, forward, plain, floor, timings, sty
              f"| model forward alone, with `chat.split_cpu_gemv` | {forward:.1f} tokens/s ({forward / bound:.0%} of bound) |",
              f"| `generate()` as chat.py runs it (with `split_cpu_gemv`) | {decode:.1f} tokens/s "
              f"({decode / bound:.0%} of bound) |",
-             f"| per-token floor: same architecture, near-zero weights | {floor * 1000:.1f} ms/token |",
-             f"| reachable: weights at full bandwidth + the floor | {reachable:.1f} tokens/s ({reachable / bound:.0%} "
-             f"of bound) |", "",
+             f"| `generate()` as `chat.py --compile` runs it (static cache of {chat.COMPILED_CONTEXT}, compiled "
+             f"step; compiling took {compiled[0]:.0f} s) | {compiled[1]:.1f} tokens/s ({compiled[1] / bound:.0%} of "
+             f"bound) |",
+             f"| per-token floor: same architecture, near-zero weights, eager | {floor * 1000:.1f} ms/token |",
+             f"| reachable eagerly: weights at full bandwidth + the floor | {reachable:.1f} tokens/s "
+             f"({reachable / bound:.0%} of bound) |", "",
              "One decoded token runs about 1,300 small PyTorch ops through 30 layers; the floor row is their cost "
              "alone, and no faster weight reading can go below it. On this CPU MKL runs a one-row matmul on one "
              "thread (about 12 GB/s of the bandwidth); `chat.split_cpu_gemv` turns it into a batched matmul over "
-             "row blocks of the weight, which uses both cores, and chat.py does that on CPU. Compiling the model "
-             "(torch.compile, whole or per layer) cost 25-70 s at start-up and did not lower the floor here.", "",
+             "row blocks of the weight, which uses both cores, and chat.py does that on CPU. `--compile` runs each "
+             "decoding step as one compiled graph, which removes most of the floor, at the price of compiling on "
+             "the first answer and of attending over the whole static cache at every step.", "",
              f"Time to first token in one greedy {chat.DEFAULT_PROMPT_STYLE}-style dialogue of held-out questions "
              f"(answers up to {args.max_new_tokens} tokens become the history):", "",
              "| turn | prompt tokens | first token, cache reused | first token, re-encoded | "
@@ -230,9 +248,11 @@ def main():
     forward = forward_speed(model)
     decode = decode_speed(model, tokenizer, args.decode_tokens)
     floor = overhead_floor(model)
+    compile_s, compiled = compiled_decode_speed(model, tokenizer, args.decode_tokens)
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, bound {bandwidth / weights:.1f} tok/s, "
           f"forward {plain['forward']:.1f} -> {forward:.1f} tok/s, generate {plain['generate']:.1f} -> {decode:.1f} "
-          f"tok/s, overhead floor {floor * 1000:.1f} ms/token", flush=True)
+          f"tok/s, overhead floor {floor * 1000:.1f} ms/token, --compile {compiled:.1f} tok/s "
+          f"(compiling took {compile_s:.0f} s)", flush=True)
     questions = [records[i]["input"] for i in example_indices(len(records), args.turns)]
     reuse, answers_reuse = dialogue_timings(model, tokenizer, questions, True, args.max_new_tokens)
     fresh, answers_fresh = dialogue_timings(model, tokenizer, questions, False, args.max_new_tokens)
@@ -243,7 +263,8 @@ def main():
         picked = [records[i] for i in example_indices(len(records), args.styles)]
         penalties = [float(x) for x in args.style_penalties.split(",")]
         styles = {penalty: style_scores(model, tokenizer, picked, args.style_tokens, penalty) for penalty in penalties}
-    text = report(args, bandwidth, weights, decode, forward, plain, floor, (reuse, fresh), styles, load_start)
+    text = report(args, bandwidth, weights, decode, forward, plain, floor, (compile_s, compiled), (reuse, fresh),
+                  styles, load_start)
     print(text)
     if args.write:
         write_section(args.write, text)
@@ -251,6 +272,7 @@ def main():
         bound, last = bandwidth / weights, min(10, len(reuse))
         Path(args.json).write_text(json.dumps({
             "bound_tokens_s": bound, "decode_tokens_s": decode, "decode_plain_tokens_s": plain["generate"],
+            "decode_compiled_tokens_s": compiled, "compile_s": compile_s,
             "floor_s": floor, "reachable_tokens_s": 1 / (1 / bound + floor), "ttft_turn": last,
             "ttft_ratio_reuse": reuse[last - 1][1] / reuse[0][1], "ttft_ratio_fresh": fresh[last - 1][1] / fresh[0][1],
         }, indent=1))

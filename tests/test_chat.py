@@ -303,6 +303,49 @@ def test_one_shot_prints_only_the_answer(tiny, tiny_model_dir, capsys):
     assert "research model" in err and "Traceback" not in err
 
 
+def test_static_cache_gives_the_same_dialogue_and_reuses_it(tiny):
+    model, tokenizer = tiny
+    questions = ["I have a headache and a fever.", "It started two days ago.", "Should I take paracetamol?"]
+    dynamic = chat.Chat(model, tokenizer, "chatdoctor", GREEDY).respond_all(questions)
+    static = chat.Chat(model, tokenizer, "chatdoctor", GREEDY, context=256, static_cache=True)
+    assert static.respond_all(questions) == dynamic
+    assert type(static.cache).__name__ == "StaticCache"
+    assert static.stats["prompt_tokens"] > 40 and static.cache.get_seq_length() == len(static.cached_ids)
+
+
+def test_compile_flag_answers_like_eager(tiny, tiny_model_dir, capsys, monkeypatch):
+    import io
+
+    import torch
+
+    compiled, real_compile = [], torch.compile
+
+    def counting_compile(*args, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    piped = "\n".join(["I have a sore throat", "It started yesterday"]) + "\n"
+
+    old_stdin = sys.stdin
+    try:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(piped.encode()))
+        assert chat.main(tiny_args(tiny_model_dir, "--compile")) == 0
+    finally:
+        sys.stdin = old_stdin
+    out, err = capsys.readouterr()
+    assert out.splitlines() == expected_answers(tiny, ["I have a sore throat", "It started yesterday"])
+    assert "compiled decoding" in err and "Traceback" not in err
+    assert compiled and compiled[0]["dynamic"] is False  # generate() compiled its decoding step
+
+
+def test_compile_flag_refuses_answers_longer_than_its_window(tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main(tiny_args(tiny_model_dir, "--compile", "--max_new_tokens", "5000", "--prompt", "hi"))
+    assert exit_info.value.code == 2
+    assert "leaves no room" in capsys.readouterr().err
+
+
 def test_one_shot_prints_the_emergency_notice_first(tiny_model_dir, capsys):
     chat.main(tiny_args(tiny_model_dir, "--prompt", "I have chest pain and I am short of breath"))
     out, err = capsys.readouterr()
