@@ -107,11 +107,9 @@ def worker(name, args, out_path):
         return wrapped
 
     make_collator = train.make_collator
-    if name == "packing_block_mask":
+    if name == "packing_block_mask":  # keeps the model's own SDPA, which masks the whole row
         utils.use_packed_attention = lambda model: model.config._attn_implementation
-        train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
-    elif name == "packing_all_logits":
-
+    if name in ("packing_block_mask", "packing_all_logits"):
         train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
     else:
         train.make_collator = lambda a, t: counting(make_collator(a, t))
