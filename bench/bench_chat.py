@@ -94,6 +94,11 @@ def compiled_decode_speed(model, tokenizer, new_tokens):
     return compile_s, speed
 
 
+def eager_ceiling(bound, floor_s):
+    """Tokens/s with every weight read at full bandwidth (`bound`) plus the per-token floor."""
+    return 1 / (1 / bound + floor_s)
+
+
 def overhead_floor(model, tokens=64):
     """Seconds per decoded token of the same architecture (layers, heads, attention, cache) with near-zero
     weights: what PyTorch and the modelling code cost per token before any weight is read."""
@@ -147,7 +152,7 @@ def machine():
 
 def report(args, bandwidth, weights, decode, forward, plain, floor, compiled, timings, styles, load_start):
     bound = bandwidth / weights
-    reachable = 1 / (1 / bound + floor)  # every weight read at full bandwidth, plus the per-token floor
+    reachable = eager_ceiling(bound, floor)
     command = " ".join(["python bench/bench_chat.py"] + [relative(a) for a in sys.argv[1:]])
     lines = [SECTION, "", f"`{command}` on {load_start}; model `{relative(args.model_path)}` ({weights / 1e6:.0f} MB "
              f"of float32 weights), {time.strftime('%Y-%m-%d')}.", "",
@@ -273,7 +278,7 @@ def main():
         Path(args.json).write_text(json.dumps({
             "bound_tokens_s": bound, "decode_tokens_s": decode, "decode_plain_tokens_s": plain["generate"],
             "decode_compiled_tokens_s": compiled, "compile_s": compile_s,
-            "floor_s": floor, "reachable_tokens_s": 1 / (1 / bound + floor), "ttft_turn": last,
+            "floor_s": floor, "reachable_tokens_s": eager_ceiling(bound, floor), "ttft_turn": last,
             "ttft_ratio_reuse": reuse[last - 1][1] / reuse[0][1], "ttft_ratio_fresh": fresh[last - 1][1] / fresh[0][1],
         }, indent=1))
 
