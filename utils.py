@@ -300,9 +300,10 @@ def collate_padded(examples, pad_token_id):
 
 
 def collate_packed(examples, logits_only_where_supervised=True):
-    """Padding-free batch: the examples concatenated in one row, position ids restarting at 0 for each
-    (transformers' DataCollatorWithFlattening; the model turns the position ids into a block-diagonal
-    causal mask, so no token attends across examples). With `logits_only_where_supervised`, the LM head
+    """Padding-free batch: the examples concatenated in one row, position ids restarting at 0 for each, and
+    the example boundaries as `cu_seq_lens_*` (transformers' DataCollatorWithFlattening). No token attends
+    across examples: `packed_sdpa_attention` and flash attention read the boundaries, plain SDPA and eager
+    get a block-diagonal causal mask built from the position ids. With `logits_only_where_supervised`, the LM head
     runs only where a next-token label exists (`logits_to_keep` mask + `shift_labels`): the prompt tokens,
     about two thirds of a ChatDoctor example, skip the 49k-vocab projection. The loss is the same sum over
     the same targets, so it is unchanged."""
