@@ -16,7 +16,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test chat recipe eval bench clean
+.PHONY: setup data model demo test chat recipe cpu-run eval bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -59,11 +59,22 @@ RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_dev
 	--gradient_accumulation_steps 8 --logging_steps 1 --save_strategy steps --save_steps 2000 --save_total_limit 1 \
 	--fsdp "full_shard auto_wrap" \
 	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer $(EXTRA_ARGS)
-recipe: data
+# Exactly the files named (never regenerated); train.py warns when stage 1 is the 999-record sample.
+recipe: setup
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path $(BASE_MODEL) \
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path models/stage1 \
 		--data_path $(STAGE2_DATA) --output_dir pretrained $(RECIPE_ARGS)
+
+# The longer CPU run behind docs/RESULTS.md: stage 1 for 8 steps of 8, stage 2 for 60 steps of 16, then make eval.
+CPU_STAGE1_STEPS ?= 8
+CPU_STAGE2_STEPS ?= 60
+cpu-run: data model
+	$(PY) train.py --model_name_or_path $(BASE_MODEL) --data_path alpaca_data.json --output_dir models/stage1 \
+		--overwrite_output_dir True --max_steps $(CPU_STAGE1_STEPS) --per_device_train_batch_size 8 $(DEMO_ARGS)
+	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
+		--overwrite_output_dir True --max_steps $(CPU_STAGE2_STEPS) --per_device_train_batch_size 16 $(DEMO_ARGS)
+	$(MAKE) eval
 
 EVAL_N ?= 50
 # Base model, stage 1 and ./pretrained on the same held-out examples -> docs/RESULTS.md + docs/results.png

@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from utils import logger
+from utils import logger, write_atomic
 
 RUN_FILE = "run.json"
 STAGING_PREFIX = "tmp-"
@@ -83,7 +83,7 @@ def describe_difference(old, new):
 
 
 def write_fingerprint(folder, fingerprint):
-    _write_atomic(Path(folder) / RUN_FILE, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(folder) / RUN_FILE, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
 
 def check_output_dir(output_dir, fingerprint, overwrite):
@@ -217,16 +217,6 @@ def _fsync_dir(path):
         pass
     finally:
         os.close(fd)
-
-
-def _write_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def publish_folder(staged, final):

@@ -269,7 +269,7 @@ def resolve_data(data_path):
     if path.resolve() == DEFAULT_DATA.resolve() and not path.exists():
         import prepare
 
-        print(f"{path} missing: making it from {prepare.SHARED_DATA_DIR} (as `make data` does)", file=sys.stderr)
+        print(f"{path} missing: making it from {prepare.GENMEDGPT_PATH.name} (as `make data` does)", file=sys.stderr)
         prepare.make_data()
     return load_data(data_path)
 

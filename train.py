@@ -153,6 +153,13 @@ def describe_strategy(trainer):
     return ddp if args.world_size > 1 else f"single process on {args.device}"
 
 
+def warn_if_alpaca_sample(data_path):
+    for path in str(data_path).split(","):
+        if utils.is_alpaca_sample(path.strip()):
+            logger.warning(f"{path.strip()} is the bundled 999-record Alpaca sample, not the 52k Stanford Alpaca "
+                           "the paper's stage 1 used (data/README.md)")
+
+
 def tokenize(records, data_args, training_args, tokenizer):
     with training_args.main_process_first(desc="tokenizing"):  # rank 0 tokenizes; the others read its cache
         examples = utils.tokenize_cached(records, tokenizer, training_args.model_max_length, data_args.cache_dir)
@@ -275,6 +282,8 @@ def train(argv=None):
 
     utils.check_model_path(model_args.model_name_or_path)
     records = utils.load_data(data_args.data_path)  # every record checked before anything expensive
+    if training_args.process_index == 0:
+        warn_if_alpaca_sample(data_args.data_path)
     tokenizer = utils.load_tokenizer(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
         model_max_length=training_args.model_max_length, padding_side="right",

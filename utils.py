@@ -4,6 +4,7 @@ Every reader raises DataError (bad data) or ModelLoadError (bad model folder) wi
 naming the file, the record and the field; the scripts print it and exit non-zero, with no traceback.
 """
 import hashlib
+import io
 import json
 import logging
 import os
@@ -37,7 +38,17 @@ SAFETY_NOTICE = (
     "ChatDoctor is a research model, not a doctor: its answers can be wrong or harmful. "
     "Do not use them for medical decisions; see a qualified clinician."
 )
-SHARED_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+# The data the repository carries (data/README.md: sources, record counts, sha256, licences).
+ROOT = Path(__file__).resolve().parent
+GENMEDGPT_PATH = ROOT / "data" / "chatdoctor5k.json"
+ALPACA_SAMPLE_PATH = ROOT / "alpaca_data.json"
+DISEASE_DB_PATH = ROOT / "format_dataset.csv"
+BUNDLED_SHA256 = {
+    GENMEDGPT_PATH: "780c1a6aa67d461359ac220c120134429290b1e340545c3ad8954e1aa235d80f",
+    ALPACA_SAMPLE_PATH: "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+    DISEASE_DB_PATH: "d1fdcdd2c20fb80e446af788aef92d470595aa51c88743af71ce8c0f2a5b9e4b",
+}
+ALPACA_SAMPLE_BYTES = 859_893  # a cheap first test before hashing a user's (maybe 20 MB) stage-1 file
 
 
 class DataError(ValueError):
@@ -55,6 +66,39 @@ def fail(message, code=2):
 
 
 # ----------------------------------------------------------------------------- data readers
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path, data):
+    """Write text or bytes so that readers see the old file or the whole new one, never a part (also after
+    a crash: the data is on disk before the rename). The parent folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path, obj):
+    return write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+def is_alpaca_sample(path):
+    """True for the bundled 999-record Alpaca sample (by content, wherever it lies)."""
+    path = Path(path)
+    return path.is_file() and path.stat().st_size == ALPACA_SAMPLE_BYTES and \
+        sha256_of(path) == BUNDLED_SHA256[ALPACA_SAMPLE_PATH]
+
 
 def _read_text(path):
     path = Path(path)
@@ -230,10 +274,9 @@ def _save_examples(path, examples):
     lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
     ids = np.concatenate([e["input_ids"] for e in examples]).astype(np.int32)
     labels = np.concatenate([e["labels"] for e in examples]).astype(np.int32)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, lengths=lengths, input_ids=ids, labels=labels)
-    os.replace(tmp, path)  # readers never see a half-written cache
+    buffer = io.BytesIO()
+    np.savez(buffer, lengths=lengths, input_ids=ids, labels=labels)
+    write_atomic(path, buffer.getvalue())  # readers never see a half-written cache
 
 
 class TokenizedExamples(Sequence):

@@ -23,7 +23,7 @@ import utils  # noqa: E402
 from original_preprocess import original_supervised_dataset  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
-DATA = utils.SHARED_DATA_DIR / "GenMedGPT-5k.json"
+DATA = utils.GENMEDGPT_PATH
 
 
 def best_of(fn, repeats):
@@ -47,7 +47,7 @@ def ranks_that_tokenize(nproc=2, records=64):
             "inner = utils.tokenize_supervised\n"
             "utils.tokenize_supervised = lambda *a, **k: calls.append(1) or inner(*a, **k)\n"
             f"_, data_args, args = train.parse_args(['--output_dir', {tmp!r}, '--cache_dir', {tmp + '/cache'!r}])\n"
-            "records = utils.load_records(utils.SHARED_DATA_DIR / 'GenMedGPT-5k.json')"
+            "records = utils.load_records(utils.GENMEDGPT_PATH)"
             f"[:{records}]\n"
             f"tok = utils.load_tokenizer({str(MODEL)!r})\n"
             "examples = train.tokenize(records, data_args, args, tok)\n"

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def test_warm_cache_reads_like_the_cold_list(tokenizer, tmp_path):
-    records = load_records(utils.SHARED_DATA_DIR / "GenMedGPT-5k.json")[:30]
+    records = load_records(utils.GENMEDGPT_PATH)[:30]
     cold = utils.tokenize_cached(records, tokenizer, 256, tmp_path)
     warm = utils.tokenize_cached(records, tokenizer, 256, tmp_path)
     assert isinstance(warm, utils.TokenizedExamples) and isinstance(cold, list)

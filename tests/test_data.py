@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from original_preprocess import original_supervised_dataset  # noqa: E402
 
-SHARED = utils.SHARED_DATA_DIR
 
 
 def write(path, obj):
@@ -54,7 +53,7 @@ def test_loss_only_on_response_which_ends_in_eos(tokenizer):
 
 
 def test_identical_to_original_preprocessing_on_real_data(tokenizer):
-    records = load_records(SHARED / "GenMedGPT-5k.json")[:150] + load_records(SHARED / "alpaca_data_1k.json")[:150]
+    records = load_records(utils.GENMEDGPT_PATH)[:150] + load_records(utils.ALPACA_SAMPLE_PATH)[:150]
     tokenizer.model_max_length = 512
     ours = tokenize_supervised(records, tokenizer, 512)
     original = original_supervised_dataset(records, tokenizer)
@@ -85,7 +84,7 @@ def test_partly_truncated_response_is_kept_at_max_length(tokenizer):
 
 
 def test_cache_returns_same_examples_and_keys_on_length(tokenizer, tmp_path):
-    records = load_records(SHARED / "GenMedGPT-5k.json")[:40]
+    records = load_records(utils.GENMEDGPT_PATH)[:40]
     first = utils.tokenize_cached(records, tokenizer, 256, tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == 1
     again = utils.tokenize_cached(records, tokenizer, 256, tmp_path)
@@ -140,9 +139,53 @@ def test_several_files_comma_separated(tmp_path):
     assert [r["instruction"] for r in load_data(f"{a},{b}")] == ["a", "b"]
 
 
-def test_shared_data_files_load():
-    assert len(load_records(SHARED / "GenMedGPT-5k.json")) == 5452
-    assert len(load_records(SHARED / "alpaca_data_1k.json")) == 999
+def test_bundled_data_is_the_published_bytes():
+    for path, digest in utils.BUNDLED_SHA256.items():
+        assert utils.sha256_of(path) == digest, path
+    assert len(load_records(utils.GENMEDGPT_PATH)) == 5452
+    assert len(load_records(utils.ALPACA_SAMPLE_PATH)) == 999
+    assert utils.ALPACA_SAMPLE_PATH.stat().st_size == utils.ALPACA_SAMPLE_BYTES
+
+
+def test_make_data_writes_only_derived_files(tmp_path):
+    import prepare
+
+    tracked = {path: path.read_bytes() for path in utils.BUNDLED_SHA256}
+    manifest = prepare.make_data(out_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MANIFEST.json", "genmedgpt_heldout.json",
+                                                          "genmedgpt_train.json"]
+    assert {path: path.read_bytes() for path in tracked} == tracked
+    assert manifest["derived"]["genmedgpt_train.json"]["records"] == 5251
+    assert all(row["bundled"] for row in manifest["inputs"].values())
+
+
+def test_make_data_refuses_a_changed_genmedgpt(tmp_path):
+    import prepare
+
+    changed = tmp_path / "chatdoctor5k.json"
+    changed.write_bytes(utils.GENMEDGPT_PATH.read_bytes().replace(b"fever", b"fevers", 1))
+    with pytest.raises(DataError, match=r"chatdoctor5k.json: sha256 .* is not GenMedGPT-5k's"):
+        prepare.make_data(changed, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_alpaca_sample_recognised_by_content(tmp_path):
+    copy = tmp_path / "alpaca_data.json"
+    copy.write_bytes(utils.ALPACA_SAMPLE_PATH.read_bytes())
+    assert utils.is_alpaca_sample(copy)
+    copy.write_bytes(copy.read_bytes().replace(b"a", b"b", 1))  # same size, other content
+    assert not utils.is_alpaca_sample(copy)
+    assert not utils.is_alpaca_sample(tmp_path / "missing.json")
+
+
+def test_no_code_reads_outside_the_repository():
+    """A clone runs with nothing beside it: no source file names the folder next to the checkout."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "*.py", "Makefile", ".ci/*", "*.ini"], cwd=utils.ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    needle = "../sha" + "red"  # spelled in two pieces so that this test does not find itself
+    assert not [f for f in files if needle in (utils.ROOT / f).read_text()]
 
 
 BAD_FILES = {

@@ -5,9 +5,9 @@ import pytest
 
 import eval as ev
 import plot_loss
-from utils import SHARED_DATA_DIR
+from utils import DISEASE_DB_PATH, GENMEDGPT_PATH
 
-DISEASE_CSV = SHARED_DATA_DIR / "format_dataset.csv"
+DISEASE_CSV = DISEASE_DB_PATH
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -127,24 +127,24 @@ def test_score_diagnosis_accuracy(matcher, encoder):
 def test_heldout_never_overlaps_train(tmp_path):
     import prepare
 
-    prepare.make_data(out_root=tmp_path)
-    train = json.loads((tmp_path / "data" / "genmedgpt_train.json").read_text())
-    heldout = json.loads((tmp_path / "data" / "genmedgpt_heldout.json").read_text())
+    prepare.make_data(out_dir=tmp_path)
+    train = json.loads((tmp_path / "genmedgpt_train.json").read_text())
+    heldout = json.loads((tmp_path / "genmedgpt_heldout.json").read_text())
     assert len(heldout) == prepare.HELDOUT_SIZE
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     assert not {key(r) for r in train} & {key(r) for r in heldout}
-    source = json.loads((SHARED_DATA_DIR / "GenMedGPT-5k.json").read_text())
+    source = json.loads(GENMEDGPT_PATH.read_text())
     assert len(train) + len(heldout) <= len(source)
     # Same data every run: eval numbers of different sessions are comparable.
-    assert heldout == json.loads((tmp_path / "data" / "genmedgpt_heldout.json").read_text())
-    prepare.make_data(out_root=tmp_path)
-    assert heldout == json.loads((tmp_path / "data" / "genmedgpt_heldout.json").read_text())
+    assert heldout == json.loads((tmp_path / "genmedgpt_heldout.json").read_text())
+    prepare.make_data(out_dir=tmp_path)
+    assert heldout == json.loads((tmp_path / "genmedgpt_heldout.json").read_text())
 
 
 def test_heldout_questions_not_in_train():
     import prepare
 
-    source = json.loads((SHARED_DATA_DIR / "GenMedGPT-5k.json").read_text())
+    source = json.loads(GENMEDGPT_PATH.read_text())
     train, heldout = prepare.split_genmedgpt(source)
     assert not {r["input"] for r in train} & {r["input"] for r in heldout}
 
@@ -152,7 +152,7 @@ def test_heldout_questions_not_in_train():
 # ----------------------------------------------------------------------------- end to end
 
 def _heldout_sample(tmp_path, n=3):
-    records = json.loads((SHARED_DATA_DIR / "GenMedGPT-5k.json").read_text())[:n]
+    records = json.loads(GENMEDGPT_PATH.read_text())[:n]
     path = tmp_path / "sample.json"
     path.write_text(json.dumps(records))
     return path, records
@@ -190,7 +190,7 @@ def test_generation_is_deterministic_and_batch_independent(tiny_model_dir):
     from utils import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
-    records = json.loads((SHARED_DATA_DIR / "GenMedGPT-5k.json").read_text())[:3]
+    records = json.loads(GENMEDGPT_PATH.read_text())[:3]
     a = ev.generate_answers(model, tok, records, max_new_tokens=5, batch_size=3)
     b = ev.generate_answers(model, tok, records, max_new_tokens=5, batch_size=1)
     assert a == b and len(a) == 3
@@ -242,7 +242,7 @@ def test_loss_plot_from_real_trainer_state(tiny_model_dir, tmp_path):
     from utils import collate_padded, load_model_and_tokenizer, tokenize_supervised
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
-    records = json.loads((SHARED_DATA_DIR / "GenMedGPT-5k.json").read_text())[:8]
+    records = json.loads(GENMEDGPT_PATH.read_text())[:8]
     examples = tokenize_supervised(records, tok, max_length=192)
     assert len(examples) == 8
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,

@@ -17,7 +17,7 @@ import train
 import utils
 from utils import load_records, tokenize_supervised
 
-RECORDS = load_records(utils.SHARED_DATA_DIR / "GenMedGPT-5k.json")[:4] + [
+RECORDS = load_records(utils.GENMEDGPT_PATH)[:4] + [
     {"instruction": "Say hi.", "input": "", "output": "Hi."},  # very short next to long ones: lots of padding
     {"instruction": "Name a fruit.", "input": "red", "output": "An apple."},
 ]

@@ -12,7 +12,6 @@ import train
 import utils
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = utils.SHARED_DATA_DIR
 
 # The seed README's command, verbatim apart from the model, data and output paths.
 SEED_COMMAND = (
@@ -27,7 +26,7 @@ SEED_COMMAND[SEED_COMMAND.index("full_shard_auto_wrap")] = "full_shard auto_wrap
 
 def short_records(n):
     """Real GenMedGPT questions with short answers: fast to train on, still the real format."""
-    records = utils.load_records(SHARED / "GenMedGPT-5k.json")[:n]
+    records = utils.load_records(utils.GENMEDGPT_PATH)[:n]
     return [dict(r, output=" ".join(r["output"].split()[:12])) for r in records]
 
 
@@ -158,3 +157,16 @@ def test_bad_input_is_one_line_nonzero_exit_and_nothing_written(tiny_model_dir, 
         "data.json: record 1: field 'output' must be a string, got null"
     assert len(errors) == 1 and expected in errors[0]
     assert not out.exists()
+
+
+def test_stage1_on_the_bundled_sample_warns_once(tmp_path, caplog):
+    user_file = tmp_path / "alpaca_data_52k.json"
+    user_file.write_text(json.dumps(short_records(3)))
+    with caplog.at_level("WARNING", logger="chatdoctor"):
+        train.warn_if_alpaca_sample(f"{utils.ALPACA_SAMPLE_PATH},{user_file}")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "999-record Alpaca sample" in warnings[0] and "52k" in warnings[0]
+    caplog.clear()
+    train.warn_if_alpaca_sample(str(user_file))
+    assert not caplog.records
