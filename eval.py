@@ -37,7 +37,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local; never wait on a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from utils import DataError, ModelLoadError, build_prompt, fail, load_data, load_model_and_tokenizer
+from utils import DataError, ModelLoadError, build_prompt, fail, load_data, load_model_and_tokenizer, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
@@ -301,17 +301,13 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
     import torch
 
     torch.manual_seed(0)
-    output_dir = Path(output_dir)
     model, tokenizer = load_model_and_tokenizer(model_path)
     start, cpu_start = time.perf_counter(), time.process_time()
     predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate")
     generate_s, generate_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     new_tokens = sum(len(ids) for ids in tokenizer(predictions, add_special_tokens=False)["input_ids"])
     del model
-    rows, metrics = score(records, predictions, matcher, encoder, bertscore_encoder)
-    for row, index in zip(rows, indices if indices is not None else range(len(rows))):
-        row["index"] = index  # position in the data file
-    metrics.update({
+    run = {
         "model_path": str(model_path),
         "generate_seconds": round(generate_s, 1),
         "generate_cpu_seconds": round(generate_cpu_s, 1),  # all threads; wall time suffers on a shared machine
@@ -320,14 +316,37 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
             **(settings or {}), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
             "embedding_model": str(encoder.path), "torch_threads": torch.get_num_threads(),
         },
-    })
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    save_metrics_plot({name or Path(model_path).name: metrics}, output_dir / "metrics.png")
-    (output_dir / "report.md").write_text(single_report(metrics, rows, name or str(model_path)), encoding="utf-8")
+    }
+    return score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder, name, indices)
+
+
+ECHO_NAME = "echo the question"
+
+
+def evaluate_echo(records, output_dir, matcher, encoder, bertscore_encoder=None, settings=None, indices=None):
+    """The trivial baseline every table carries: the answer is the patient's own message, repeated. A model
+    below it on diagnosis accuracy names no disease the question did not already name."""
+    predictions = [r["input"] or r["instruction"] for r in records]
+    run = {"model_path": "(the patient's message)", "generate_seconds": 0.0, "generate_cpu_seconds": 0.0,
+           "generated_tokens": 0, "settings": {**(settings or {}), "max_new_tokens": 0, "batch_size": 0,
+                                              "decoding": "none", "embedding_model": str(encoder.path),
+                                              "torch_threads": 0}}
+    return score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder, ECHO_NAME,
+                          indices)
+
+
+def score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder=None, name=None,
+                   indices=None):
+    rows, metrics = score(records, predictions, matcher, encoder, bertscore_encoder)
+    for row, index in zip(rows, indices if indices is not None else range(len(rows))):
+        row["index"] = index  # position in the data file
+    metrics.update(run)
+    output_dir = Path(output_dir)
+    text_rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomic(output_dir / "predictions.jsonl", text_rows)
+    write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    save_metrics_plot({name or Path(run["model_path"]).name: metrics}, output_dir / "metrics.png")
+    write_atomic(output_dir / "report.md", single_report(metrics, rows, name or run["model_path"]))
     return metrics, rows
 
 
@@ -413,14 +432,15 @@ def pick_examples(rows_by_name, k=3):
 
 
 def comparison_section(metrics_by_name, rows_by_name, png_rel, command):
-    first = next(iter(metrics_by_name.values()))
+    first = next(m for name, m in metrics_by_name.items() if name != ECHO_NAME)
     s = first["settings"]
     lines = [
         f"Command: `{command}`", "",
         f"Held-out data `{s.get('data_path')}`, the same {first['num_examples']} examples for every model "
         f"({first['diagnosis_examples']} of them name exactly one disease and count for diagnosis accuracy). "
         f"Greedy decoding, max_new_tokens={s['max_new_tokens']}, batch size {s['batch_size']}, "
-        f"CPU threads {s['torch_threads']}.", "",
+        f"CPU threads {s['torch_threads']}. *{ECHO_NAME}* answers with the patient's own message: the floor "
+        "a model must clear to show it inferred anything.", "",
         metrics_table(metrics_by_name), "",
         f"![held-out metrics]({png_rel})", "",
         "### Example answers", "",
@@ -501,6 +521,9 @@ def main(argv=None):
         settings = {"data_path": args.data_path, "disease_csv": args.disease_csv}
         out_root = Path(args.output_dir or (ROOT / "runs" / "eval" / ("" if args.compare else models[0][0])))
         metrics_by_name, rows_by_name = {}, {}
+        if args.compare:
+            echo = evaluate_echo(records, out_root / "echo", matcher, encoder, bert_encoder, settings, indices)
+            metrics_by_name[ECHO_NAME], rows_by_name[ECHO_NAME] = echo
         for name, path in models:
             out = out_root / name if args.compare else out_root
             metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
@@ -515,7 +538,7 @@ def main(argv=None):
         results_md = Path(args.results_md)
         png = results_md.parent / "results.png"
         save_metrics_plot(metrics_by_name, png)
-        (out_root / "comparison.json").write_text(json.dumps(metrics_by_name, indent=1) + "\n", encoding="utf-8")
+        write_atomic(out_root / "comparison.json", json.dumps(metrics_by_name, indent=1) + "\n")
         command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_results_md(results_md, comparison_section(metrics_by_name, rows_by_name, png.name, command))
         print(f"\n{metrics_table(metrics_by_name)}\n\nwrote {results_md} and {png}")

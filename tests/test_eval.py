@@ -208,11 +208,17 @@ def test_compare_icliniq_writes_results(tiny_model_dir, tmp_path):
             "--max_new_tokens", "4", "--output_dir", str(tmp_path / "runs"), "--results_md", str(results_md),
             "--disease_csv", str(DISEASE_CSV)]
     metrics = ev.main(args)
-    assert set(metrics) == {"a", "b"} and metrics["a"]["diagnosis_examples"] == 2
+    assert set(metrics) == {ev.ECHO_NAME, "a", "b"} and metrics["a"]["diagnosis_examples"] == 2
+    # The echo baseline repeats the patient's message, which never names asthma here.
+    echo = metrics[ev.ECHO_NAME]
+    assert echo["diagnosis_accuracy"] == 0.0 and echo["generated_tokens"] == 0
+    echo_rows = [json.loads(line) for line in (tmp_path / "runs" / "echo" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in echo_rows] == [r["input"] for r in icliniq]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "a" / "predictions.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in rows] == [r["answer_icliniq"] for r in icliniq]
     text = results_md.read_text()
     assert "Hand-written notes stay." in text and "| a |" in text and "| b |" in text
+    assert f"| {ev.ECHO_NAME} | `(the patient's message)` |" in text
     assert (results_md.parent / "results.png").read_bytes().startswith(PNG_MAGIC)
     ev.write_results_md(results_md, "second run")  # the generated block is replaced, not appended
     text = results_md.read_text()
