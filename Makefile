@@ -52,7 +52,6 @@ test: data model
 NGPUS ?= 4
 STAGE1_DATA ?= alpaca_data.json
 STAGE2_DATA ?= HealthCareMagic-100k.json
-PORT ?= 29500
 EXTRA_ARGS ?=
 PACKING ?= False
 RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
@@ -60,10 +59,11 @@ RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_dev
 	--fsdp "full_shard auto_wrap" \
 	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer $(EXTRA_ARGS)
 # Exactly the files named (never regenerated); train.py warns when stage 1 is the 999-record sample.
+# torchrun --standalone: one node, a free port found at run time (no fixed --master_port to collide on).
 recipe: setup
-	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path $(BASE_MODEL) \
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) train.py --model_name_or_path $(BASE_MODEL) \
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
-	$(VENV)/bin/torchrun --nproc_per_node=$(NGPUS) --master_port=$(PORT) train.py --model_name_or_path models/stage1 \
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) train.py --model_name_or_path models/stage1 \
 		--data_path $(STAGE2_DATA) --output_dir pretrained $(RECIPE_ARGS)
 
 # The longer CPU run behind docs/RESULTS.md: stage 1 for 8 steps of 8, stage 2 for 60 steps of 16, then make eval.
@@ -82,9 +82,11 @@ eval: data model
 	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained \
 		--num_examples $(EVAL_N) --output_dir runs/eval --results_md docs/RESULTS.md
 
-# Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run
+# Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run.
+# BENCH_REPEATS=3: every benchmark three times, each figure the median with the min-max beside it.
+BENCH_REPEATS ?= 1
 bench: data model
-	$(PY) bench/run.py
+	$(PY) bench/run.py --repeats $(BENCH_REPEATS)
 
 CHAT_MODEL ?= pretrained
 chat: setup

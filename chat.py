@@ -18,18 +18,20 @@ import signal
 import sys
 import time
 
-from utils import (CHATDOCTOR_INSTRUCTION, SAFETY_NOTICE, ModelLoadError, _first_line, build_prompt, fail, load_model,
-                   load_tokenizer)
+from utils import (CHATDOCTOR_INSTRUCTION, PROMPT_STYLES, SAFETY_NOTICE, ModelLoadError, _first_line, build_prompt, fail,
+                   load_model, load_tokenizer, recorded_prompt_style)
 
 PATIENT = "Patient"
 DOCTOR = "ChatDoctor"
 GREETING = "I am ChatDoctor, what medical questions do you have?"
 # A model that goes on to write the patient's next line has finished its answer; that line is never shown.
 STOP_STRINGS = ("Patient:",)
-# Measured on 10 held-out GenMedGPT records with the embedded default, greedy, the default repetition penalty
-# (bench/bench_chat.py --styles 10, docs/BENCHMARKS.md): ROUGE-L 0.124 for the original chat prompt, 0.057 for
-# the Alpaca template, after which the penalised "\n" loses to EOS and half the answers are empty.
+# For a model train.py did not make (it records "alpaca", the template it trains on, in the saved folder).
+# Measured on held-out GenMedGPT records with the embedded default, greedy, the default repetition penalty
+# (bench/bench_chat.py, docs/BENCHMARKS.md#chat): the original chat prompt beats the Alpaca template there,
+# after which the penalised "\n" loses to EOS and many answers are empty.
 DEFAULT_PROMPT_STYLE = "chatdoctor"
+DEFAULT_GENERATION = {"repetition_penalty": 1.1, "max_new_tokens": 200}  # the original chat.py's
 
 # Emergency signs: (what it is, patterns that must ALL appear somewhere in the message).
 # Matching is case-insensitive and deliberately generous: a needless notice costs a line, a missed one more.
@@ -64,6 +66,11 @@ Anything else is your message to ChatDoctor."""
 
 
 # ----------------------------------------------------------------------------- prompt building
+
+def prompt_style_for(model_path, requested=None):
+    """The style to prompt `model_path` with: the one asked for, else the one it was trained on, else the default."""
+    return requested or recorded_prompt_style(model_path) or DEFAULT_PROMPT_STYLE
+
 
 def render_turns(turns):
     return "\n\n".join(f"{role}: {text}" for role, text in turns)
@@ -231,10 +238,10 @@ def load_chat_model(args):
 
 
 def split_cpu_gemv(model, parts=None):
-    """Decode on CPU: MKL runs a one-row matmul (one new token) on a single thread, about 12 GB/s of the 31 GB/s
-    two cores read together (docs/BENCHMARKS.md). As a batched matmul over `parts` row blocks of the weight it
-    runs on all threads: 1.4x tokens/s here. Prompt encoding (many rows) and anything with gradients keep
-    nn.Linear. Returns how many layers were switched."""
+    """Decode on CPU: a one-row matmul (one new token) can read its weight far below the memory bandwidth (BLAS
+    may run it on one thread). As a batched matmul over `parts` row blocks of the weight it runs on all threads;
+    docs/BENCHMARKS.md#chat measures both rates on the machine it ran on. Prompt encoding (many rows) and
+    anything with gradients keep nn.Linear. Returns how many layers were switched."""
     import torch
 
     parts = parts or torch.get_num_threads()
@@ -270,12 +277,12 @@ COMPILED_CONTEXT = 1024  # --compile: the static cache every decoded token atten
 
 def compile_decoding(model):
     """--compile: generate() runs each decoding step as one torch.compile'd graph over a static cache, which
-    removes most of PyTorch's per-op cost (about 13 ms of a token on 2 CPU cores; docs/BENCHMARKS.md).
-    Compiling takes about a minute on the first answer; torch caches the result on disk for later runs."""
+    removes most of PyTorch's per-op cost (the per-token floor docs/BENCHMARKS.md#chat measures). Compiling
+    takes a while on the first answer; torch caches the result on disk for later runs."""
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
-    config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+    config._compile_all_devices = True  # private: generate() compiles only on GPUs unless told (docs/PRIVATE_API.md)
     model.generation_config.compile_config = config
     model.generation_config.disable_compile = False
 
@@ -532,14 +539,15 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", default="./pretrained", help="local Hugging Face causal-LM folder")
     p.add_argument("--prompt", help="answer this one message, print only the answer, and exit")
-    p.add_argument("--prompt_style", choices=("chatdoctor", "alpaca"), default=DEFAULT_PROMPT_STYLE,
-                   help="chatdoctor: the original chat prompt; alpaca: the training template")
+    p.add_argument("--prompt_style", choices=PROMPT_STYLES, default=None,
+                   help="chatdoctor: the original chat prompt; alpaca: the training template. Default: the style "
+                        f"recorded by train.py in the model folder, else {DEFAULT_PROMPT_STYLE}")
     g = p.add_argument_group("generation (sampling defaults are the original chat.py's)")
     g.add_argument("--temperature", type=float, default=0.5, help="0 means --greedy")
     g.add_argument("--top_k", type=int, default=50)
     g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--repetition_penalty", type=float, default=1.1)
-    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--repetition_penalty", type=float, default=DEFAULT_GENERATION["repetition_penalty"])
+    g.add_argument("--max_new_tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     g.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
     h = p.add_argument_group("hardware")
@@ -599,6 +607,7 @@ def main(argv=None):
     try:
         quiet_libraries()
         say(f"Loading {args.model_path} ...", info)
+        args.prompt_style = prompt_style_for(args.model_path, args.prompt_style)
         model, tokenizer, device, dtype = load_chat_model(args)
         if args.seed is not None:
             from transformers import set_seed

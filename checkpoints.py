@@ -254,7 +254,8 @@ class AtomicCheckpointTrainer(Trainer):
     """A Trainer whose checkpoints appear whole or not at all, each carrying the run's fingerprint.
 
     The stock `_save_checkpoint` writes into `_get_output_dir()`; during a save that points at a staging
-    folder, and the finished checkpoint is renamed into `output_dir` afterwards."""
+    folder, and the finished checkpoint is renamed into `output_dir` afterwards. Both are private Trainer
+    methods, overridden because no public hook can choose where a checkpoint is written (docs/PRIVATE_API.md)."""
 
     def __init__(self, *args, fingerprint=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -263,6 +264,20 @@ class AtomicCheckpointTrainer(Trainer):
 
     def _get_output_dir(self, trial):
         return self._staging or super()._get_output_dir(trial)
+
+    def _record_best_as_published(self, run_dir, staged):
+        """The stock save names the best checkpoint under `_get_output_dir()`, the staging folder here: a path
+        that is gone once the checkpoint is published, or (for an older best) never there. Point it at
+        run_dir/checkpoint-<best step>, in the state and in the staged trainer_state.json, so that
+        --load_best_model_at_end, --save_total_limit rotation and a resume all find the best checkpoint."""
+        best_step = self.state.best_global_step
+        if not best_step:
+            return
+        best = os.path.join(run_dir, f"checkpoint-{best_step}")
+        if best_step == self.state.global_step or os.path.isdir(best):
+            self.state.best_model_checkpoint = best
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
 
     def _save_checkpoint(self, model, trial):
         run_dir = super()._get_output_dir(trial)
@@ -280,6 +295,7 @@ class AtomicCheckpointTrainer(Trainer):
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()
+        self._record_best_as_published(run_dir, os.path.join(staging, name))
         if self.args.should_save:
             if self.fingerprint:
                 write_fingerprint(os.path.join(staging, name), self.fingerprint)

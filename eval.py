@@ -21,12 +21,15 @@ Metrics, each in [0, 1]:
   bertscore_f1         only with --bertscore: BERTScore F1 (greedy token matching, no idf, no baseline
                        rescaling) on a local encoder, all-MiniLM-L6-v2 by default. Not comparable with the
                        paper's roberta-large numbers.
-Generation is greedy (deterministic), batched with left padding, and stops at the tokenizer's EOS.
+Each answer is what `chat.py --greedy --prompt MESSAGE` says for that model: the same prompt style (recorded
+by train.py in the models it saves, else chatdoctor), repetition penalty and stops (EOS, "Patient:"), batched
+with left padding. --compare adds an "echo the question" row: the patient's message as the answer.
 """
 import argparse
 import codecs
 import csv
 import importlib.util
+import io
 import json
 import os
 import re
@@ -37,7 +40,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local; never wait on a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from utils import DataError, ModelLoadError, build_prompt, fail, load_data, load_model_and_tokenizer, write_atomic
+import chat
+import machine
+from utils import (PROMPT_STYLES, DataError, ModelLoadError, ensure_pad_token, fail, load_data,
+                   load_model_and_tokenizer, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
@@ -89,7 +95,6 @@ class DiseaseMatcher:
         # Longest first, so at one position the alternation takes "Sickle cell anemia" over "Anemia".
         # (?<!\w) / (?!\w) rather than \b: names like "Otitis externa (swimmer's ear)" end in a non-word char.
         ordered = sorted(self.names, key=len, reverse=True)
-        self._canonical = {n.lower(): n for n in ordered}
         alternation = "|".join(re.escape(n) for n in ordered)
         self._any = re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
         self._one = [re.compile(rf"(?<!\w){re.escape(n)}(?!\w)", re.IGNORECASE) for n in ordered]
@@ -115,21 +120,26 @@ class DiseaseMatcher:
 
 # ----------------------------------------------------------------------------- generation
 
+def patient_message(record):
+    return record["input"] or record["instruction"]
+
+
 def generate_answers(model, tokenizer, records, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                     batch_size=DEFAULT_BATCH_SIZE, desc="generate"):
-    """Greedy answers to the Alpaca prompts of `records`, in order. Batches group prompts of similar length."""
+                     batch_size=DEFAULT_BATCH_SIZE, desc="generate", style=chat.DEFAULT_PROMPT_STYLE,
+                     repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"]):
+    """What `chat.py --greedy --prompt MESSAGE` answers to each record's patient message, in order: the same
+    prompt, repetition penalty and stop at "Patient:". Batches group prompts of similar length."""
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends at its prompt
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, model)  # batches need one; the same policy as training
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, stop_strings=list(chat.STOP_STRINGS),
     )
-    prompts = [build_prompt(r) for r in records]
+    prompts = [chat.build_chat_prompt([(chat.PATIENT, patient_message(r))], style) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
     model.eval()
@@ -137,10 +147,10 @@ def generate_answers(model, tokenizer, records, max_new_tokens=DEFAULT_MAX_NEW_T
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
-            out = model.generate(**batch, generation_config=config)
+            out = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                answers[i] = text.strip()
+                answers[i] = chat.visible_answer(text + "\n")[0]
             bar.update(len(idx))
     return answers
 
@@ -225,6 +235,15 @@ def bertscore_f1_scores(predictions, references, encoder):
     return scores
 
 
+def reference_diseases(record, matcher):
+    """The diagnoses that count as right: a record's own `accepted` list, else the one disease its reference
+    answer names (none when it names several or none: such a record does not count for accuracy)."""
+    if record.get("accepted"):
+        return record["accepted"]
+    disease = matcher.the_one(record["output"])
+    return [disease] if disease else []
+
+
 def score(records, predictions, matcher, encoder, bertscore_encoder=None):
     """Per-example rows for predictions.jsonl and the summary metrics."""
     references = [r["output"] for r in records]
@@ -233,11 +252,12 @@ def score(records, predictions, matcher, encoder, bertscore_encoder=None):
     bert = bertscore_f1_scores(predictions, references, bertscore_encoder) if bertscore_encoder else None
     rows, correct, labelled = [], 0, 0
     for i, (record, pred) in enumerate(zip(records, predictions)):
-        disease = matcher.the_one(record["output"])
+        accepted = reference_diseases(record, matcher)
+        disease = accepted[0] if accepted else None
         hit = None
-        if disease is not None:
+        if accepted:
             labelled += 1
-            hit = disease in matcher.named(pred)
+            hit = bool(set(accepted) & matcher.named(pred))
             correct += hit
         row = {
             "instruction": record["instruction"], "input": record["input"], "reference": record["output"],
@@ -296,14 +316,18 @@ def resolve_diseases(csv_path):
 
 
 def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                   batch_size=DEFAULT_BATCH_SIZE, bertscore_encoder=None, name=None, settings=None, indices=None):
-    """Generate, score and write predictions.jsonl / metrics.json / report.md / metrics.png for one model."""
+                   batch_size=DEFAULT_BATCH_SIZE, bertscore_encoder=None, name=None, settings=None, indices=None,
+                   prompt_style=None, repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"]):
+    """Generate, score and write predictions.jsonl / metrics.json / report.md / metrics.png for one model.
+    The prompt style is chat.py's for this model unless one is asked for."""
     import torch
 
     torch.manual_seed(0)
+    style = chat.prompt_style_for(model_path, prompt_style)
     model, tokenizer = load_model_and_tokenizer(model_path)
     start, cpu_start = time.perf_counter(), time.process_time()
-    predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate")
+    predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate",
+                                   style=style, repetition_penalty=repetition_penalty)
     generate_s, generate_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     new_tokens = sum(len(ids) for ids in tokenizer(predictions, add_special_tokens=False)["input_ids"])
     del model
@@ -314,7 +338,9 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
         "generated_tokens": new_tokens,
         "settings": {
             **(settings or {}), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
+            "prompt_style": style, "repetition_penalty": repetition_penalty,
             "embedding_model": str(encoder.path), "torch_threads": torch.get_num_threads(),
+            "machine": machine.summary(machine.describe()),
         },
     }
     return score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder, name, indices)
@@ -363,12 +389,13 @@ def _metric_names(metrics_by_name):
 
 def metrics_table(metrics_by_name):
     names = _metric_names(metrics_by_name)
-    lines = ["| model | path | examples | " + " | ".join(names) + " | tokens generated | generation wall s (CPU s) |",
-             "|---" * (len(names) + 5) + "|"]
+    lines = ["| model | path | prompt | examples | " + " | ".join(names) + " | tokens generated | generation wall s (CPU s) |",
+             "|---" * (len(names) + 6) + "|"]
     for label, m in metrics_by_name.items():
         acc = f"{_fmt(m['diagnosis_accuracy'])} ({m['diagnosis_correct']}/{m['diagnosis_examples']})"
         cells = [acc] + [_fmt(m.get(k)) for k in names[1:]]
-        lines.append(f"| {label} | `{m['model_path']}` | {m['num_examples']} | " + " | ".join(cells)
+        style = m["settings"].get("prompt_style") or "-"
+        lines.append(f"| {label} | `{m['model_path']}` | {style} | {m['num_examples']} | " + " | ".join(cells)
                      + f" | {m.get('generated_tokens', '?')} | {m['generate_seconds']} ({m.get('generate_cpu_seconds', '?')}) |")
     return "\n".join(lines)
 
@@ -388,6 +415,7 @@ def single_report(metrics, rows, label):
         f"Data: `{s.get('data_path')}`, {metrics['num_examples']} examples; diagnosis accuracy over the "
         f"{metrics['diagnosis_examples']} whose reference names exactly one disease. Greedy decoding, "
         f"max_new_tokens={s['max_new_tokens']}, batch size {s['batch_size']}.", "",
+        f"Machine: {s.get('machine', 'not recorded')}.", "",
         "![metrics](metrics.png)", "", "## First examples", "",
     ]
     for row in rows[:3]:
@@ -417,9 +445,9 @@ def save_metrics_plot(metrics_by_name, png_path):
     ax.set_title(f"Held-out GenMedGPT, {n} examples")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    return Path(png_path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return write_atomic(png_path, buffer.getvalue())
 
 
 def pick_examples(rows_by_name, k=3):
@@ -438,13 +466,16 @@ def comparison_section(metrics_by_name, rows_by_name, png_rel, command):
         f"Command: `{command}`", "",
         f"Held-out data `{s.get('data_path')}`, the same {first['num_examples']} examples for every model "
         f"({first['diagnosis_examples']} of them name exactly one disease and count for diagnosis accuracy). "
-        f"Greedy decoding, max_new_tokens={s['max_new_tokens']}, batch size {s['batch_size']}, "
-        f"CPU threads {s['torch_threads']}. *{ECHO_NAME}* answers with the patient's own message: the floor "
+        f"Each model answers as `chat.py --greedy` would (its prompt style in the table, repetition penalty "
+        f"{s['repetition_penalty']}, stop at \"Patient:\"), max_new_tokens={s['max_new_tokens']}, batch size {s['batch_size']}, "
+        f"CPU threads {s['torch_threads']}; machine: {s.get('machine', 'not recorded')}. *{ECHO_NAME}* answers "
+        "with the patient's own message: the floor "
         "a model must clear to show it inferred anything.", "",
         metrics_table(metrics_by_name), "",
         f"![held-out metrics]({png_rel})", "",
         "### Example answers", "",
     ]
+    rows_by_name = {name: rows for name, rows in rows_by_name.items() if name != ECHO_NAME}
     for n, i in enumerate(pick_examples(rows_by_name), 1):
         ref = next(iter(rows_by_name.values()))[i]
         lines += [f"**Example {n}.** Patient: {_cell(ref['input'] or ref['instruction'])}", "",
@@ -459,17 +490,7 @@ def comparison_section(metrics_by_name, rows_by_name, png_rel, command):
 
 def write_results_md(path, section):
     """Put `section` between the `make eval` markers of `path`, keeping everything else in the file."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    block = f"{RESULTS_BEGIN}\n{section.rstrip()}\n{RESULTS_END}"
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        text = head + block + rest.split(RESULTS_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Comparison (`make eval`)\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return replace_markdown_section(path, section, RESULTS_BEGIN, RESULTS_END, heading="## Comparison (`make eval`)")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -498,6 +519,10 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=None, help="default runs/eval/<model folder name> (or runs/eval)")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--prompt_style", choices=PROMPT_STYLES, default=None,
+                        help="default: what chat.py uses for each model (recorded by train.py, else chatdoctor)")
+    parser.add_argument("--repetition_penalty", type=float, default=chat.DEFAULT_GENERATION["repetition_penalty"],
+                        help="chat.py's default")
     parser.add_argument("--disease_csv", default=str(DEFAULT_DISEASES), help="ChatDoctor's disease database")
     parser.add_argument("--bertscore", action="store_true", help="also BERTScore F1 on a local encoder")
     parser.add_argument("--bertscore_model", default=None, help="local encoder folder (default all-MiniLM-L6-v2)")
@@ -528,7 +553,8 @@ def main(argv=None):
             out = out_root / name if args.compare else out_root
             metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
                                            args.batch_size, bert_encoder, name=name, settings=settings,
-                                           indices=indices)
+                                           indices=indices, prompt_style=args.prompt_style,
+                                           repetition_penalty=args.repetition_penalty)
             metrics_by_name[name], rows_by_name[name] = metrics, rows
             print(f"{name}: " + ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in _metric_names({name: metrics}))
                   + f" ({metrics['num_examples']} examples, {metrics['generate_seconds']} s) -> {out}")

@@ -3,13 +3,14 @@
     python plot_loss.py pretrained/trainer_state.json               # writes pretrained/loss.png
     python plot_loss.py models/stage1/trainer_state.json --out stage1-loss.png
 
-train.py calls save_loss_plot(trainer.state.log_history, output_dir / "loss.png") at the end of a run.
+train.py calls save_loss_plot(trainer.state.log_history, output_dir / "loss.png") once the model is published.
 """
 import argparse
+import io
 import json
 from pathlib import Path
 
-from utils import DataError, fail
+from utils import DataError, fail, write_atomic
 
 
 def loss_points(log_history, key="loss"):
@@ -41,10 +42,9 @@ def save_loss_plot(log_history, png_path, title=None):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    return png_path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return write_atomic(png_path, buffer.getvalue())  # a reader never sees half a PNG
 
 
 def read_log_history(state_path):

@@ -100,12 +100,11 @@ def make_model(out_dir=DEFAULT_MODEL_DIR, gguf_path=None):
     gguf = Path(gguf_path) if gguf_path else embedded_gguf_path()
     tokenizer = load_tokenizer(gguf)
     model = load_model(gguf)
-    # The GGUF quantizer stays attached after dequantising; without clearing it save_pretrained
-    # writes a quantization_config that makes the folder load as GGUF again.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # The GGUF quantizer stays attached after dequantising; without removing it save_pretrained writes a
+    # quantization_config that makes the folder load as GGUF again. (GGUF has no model.dequantize(): the
+    # weights already are; the quantizer's own public remove_quantization_config drops what is left.)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

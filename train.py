@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -29,6 +29,7 @@ import transformers
 from transformers import HfArgumentParser
 
 import checkpoints
+import machine
 import utils
 from checkpoints import AtomicCheckpointTrainer, OutputDirError
 from utils import DataError, ModelLoadError, logger
@@ -50,6 +51,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(default="data/genmedgpt_train.json", metadata={"help": "File(s), comma-separated."})
+    eval_data_path: Optional[str] = field(default=None, metadata={
+        "help": "Held-out file(s) for --eval_strategy / --load_best_model_at_end (eval loss); same formats."})
     cache_dir: str = field(default=".cache/tokenized", metadata={"help": "Where tokenized data is cached."})
 
 
@@ -93,6 +96,9 @@ def adapt_to_hardware(args):
         args.fsdp = ""
         logger.info("not launched by torchrun: --fsdp dropped (FSDP shards across processes)")
     if torch.cuda.is_available():
+        # SDPA with a padding mask picks cuDNN attention on Hopper, which rebuilds its graph for each new batch
+        # shape: ~3 ms of CPU per call, half of every padded step on an H200 (docs/BENCHMARKS.md, GPU section).
+        torch.backends.cuda.enable_cudnn_sdp(False)
         return
     if args.fsdp:
         args.fsdp = ""
@@ -103,7 +109,7 @@ def adapt_to_hardware(args):
     if not args.use_cpu:
         args.use_cpu = True  # without it, CPU ranks under torchrun silently train unlinked
         logger.info("no CUDA: training on CPU (use_cpu=True)")
-    if args.bf16 and not utils.cpu_has_native_bf16():
+    if args.bf16 and not machine.cpu_has_native_bf16():
         args.bf16 = False  # autocast then falls back to a scalar bf16 matmul, many times slower than fp32
         logger.info("no CUDA: --bf16 dropped, fp32 instead (this CPU has no native bf16 matmul; docs/BENCHMARKS.md)")
     elif args.bf16:
@@ -160,10 +166,11 @@ def warn_if_alpaca_sample(data_path):
                            "the paper's stage 1 used (data/README.md)")
 
 
-def tokenize(records, data_args, training_args, tokenizer):
+def tokenize(records, data_args, training_args, tokenizer, what="training"):
     with training_args.main_process_first(desc="tokenizing"):  # rank 0 tokenizes; the others read its cache
         examples = utils.tokenize_cached(records, tokenizer, training_args.model_max_length, data_args.cache_dir)
-    logger.info(f"{len(examples)} training examples from {data_args.data_path}")
+    source = data_args.eval_data_path if what == "evaluation" else data_args.data_path
+    logger.info(f"{len(examples)} {what} examples from {source}")
     return examples
 
 
@@ -211,11 +218,23 @@ def save_final_model(trainer, tokenizer, output_dir):
         # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
         (staging / "training_args.bin").unlink(missing_ok=True)
         (staging / "training_args.json").write_text(trainer.args.to_json_string())
-        from plot_loss import save_loss_plot
-
-        save_loss_plot(trainer.state.log_history, staging / "loss.png")
+        utils.write_json_atomic(staging / utils.PROMPT_STYLE_FILE, {"prompt_style": "alpaca"})  # what it trained on
         checkpoints.write_fingerprint(staging, trainer.fingerprint)
         checkpoints.publish_files(staging, output_dir)
+        draw_loss_plot(trainer.state.log_history, Path(output_dir) / "loss.png")
+
+
+def draw_loss_plot(log_history, png_path):
+    """The loss curve beside the published model. Drawn after publishing: a plotting failure is a warning,
+    never a model left unpublished (a stale plot of an older model is removed)."""
+    import plot_loss
+
+    try:
+        plot_loss.save_loss_plot(log_history, png_path)
+    except Exception as e:  # noqa: BLE001 - fonts, backend, disk: none of them may cost the trained model
+        Path(png_path).unlink(missing_ok=True)
+        logger.warning(f"loss plot not written ({utils._first_line(e)}); the model in {Path(png_path).parent} "
+                       "is complete (python plot_loss.py can draw it from trainer_state.json)")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -231,9 +250,14 @@ def parse_args(argv=None):
     except ValueError as e:  # TrainingArguments' own checks (e.g. --bf16 on a CPU that lacks it)
         raise ArgumentsError(utils._first_line(e)) from None
     if unknown:
-        raise ArgumentsError(unknown_flags_message(unknown, list(parser._option_string_actions)))
+        raise ArgumentsError(unknown_flags_message(unknown, known_flags()))
     check_args(*parsed)
     return parsed
+
+
+def known_flags():
+    """Every flag parse_args accepts, from the dataclasses' fields (argparse has no public list of its options)."""
+    return [f"--{f.name}" for cls in (ModelArguments, DataArguments, TrainingArguments) for f in fields(cls)]
 
 
 def _argparse_error(message):
@@ -264,6 +288,8 @@ def check_args(model_args, data_args, args):
         problems.append(f"--num_train_epochs must be > 0 (or --max_steps set), got {args.num_train_epochs}")
     if args.warmup_steps < 0 or args.weight_decay < 0:
         problems.append("--warmup_steps and --weight_decay must be >= 0")
+    if args.eval_strategy != "no" and not data_args.eval_data_path:
+        problems.append(f"--eval_strategy {args.eval_strategy.value} needs held-out data: pass --eval_data_path")
     if problems:
         raise ArgumentsError("; ".join(problems))
 
@@ -282,6 +308,7 @@ def train(argv=None):
 
     utils.check_model_path(model_args.model_name_or_path)
     records = utils.load_data(data_args.data_path)  # every record checked before anything expensive
+    eval_records = utils.load_data(data_args.eval_data_path) if data_args.eval_data_path else None
     if training_args.process_index == 0:
         warn_if_alpaca_sample(data_args.data_path)
     tokenizer = utils.load_tokenizer(
@@ -292,6 +319,7 @@ def train(argv=None):
     fingerprint = checkpoints.run_fingerprint(model_args.model_name_or_path, records, training_args)
     resume = claim_output_dir(training_args, fingerprint)  # refuses another run's folder; finds our checkpoint
     train_dataset = tokenize(records, data_args, training_args, tokenizer)
+    eval_dataset = tokenize(eval_records, data_args, training_args, tokenizer, "evaluation") if eval_records else None
     # fp32 master weights as in the paper; --bf16 is mixed precision (autocast / FSDP mixed precision)
     model = utils.load_model(
         model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code
@@ -302,7 +330,7 @@ def train(argv=None):
     configure_fsdp(training_args, model)
 
     trainer = AtomicCheckpointTrainer(
-        model=model, args=training_args, train_dataset=train_dataset,
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=make_collator(training_args, tokenizer), processing_class=tokenizer, fingerprint=fingerprint,
     )
     logger.info(f"strategy: {describe_strategy(trainer)}")

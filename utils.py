@@ -34,6 +34,10 @@ PROMPT_DICT = {
 CHATDOCTOR_INSTRUCTION = (
     "If you are a doctor, please answer the medical questions based on the patient's description."
 )
+# train.py writes this file into the model it saves: how the model was trained to be prompted, so that
+# chat.py and eval.py prompt it the same way (a model from elsewhere has none).
+PROMPT_STYLE_FILE = "chatdoctor.json"
+PROMPT_STYLES = ("chatdoctor", "alpaca")
 SAFETY_NOTICE = (
     "ChatDoctor is a research model, not a doctor: its answers can be wrong or harmful. "
     "Do not use them for medical decisions; see a qualified clinician."
@@ -91,6 +95,43 @@ def write_atomic(path, data):
 
 def write_json_atomic(path, obj):
     return write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+def _heading_level(line):
+    hashes = len(line) - len(line.lstrip("#"))
+    return hashes if 0 < hashes <= 6 and line[hashes:hashes + 1] == " " else 0
+
+
+def replace_markdown_section(path, text, begin, end, heading=None, new_at_start=False):
+    """Put `text` between the marker lines `begin` and `end` (HTML comments) of the markdown file `path`, keeping
+    everything outside them as it is; the file is replaced atomically. The one way generated text enters a
+    document (eval.py's RESULTS.md block, bench/run.py's and bench/bench_chat.py's BENCHMARKS.md sections).
+
+    Without the markers: the section under the line `heading` (up to the next heading of its level or higher)
+    is replaced by the heading and the marked text; without that heading either, heading and marked text are
+    added at the end (or, with `new_at_start`, at the start) of the file, which is created if missing."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    lines = old.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(begin)), None)
+    stop = next((i for i, line in enumerate(lines) if start is not None and i > start and line.startswith(end)), None)
+    if stop is not None:
+        new_lines = lines[:start] + [block] + lines[stop + 1:]
+    else:
+        section = [heading, "", block] if heading else [block]
+        at = next((i for i, line in enumerate(lines) if heading and line.rstrip() == heading), None)
+        if at is not None:
+            level = _heading_level(heading)
+            after = next((j for j in range(at + 1, len(lines)) if 0 < _heading_level(lines[j]) <= level), len(lines))
+            new_lines = lines[:at] + section + ([""] if after < len(lines) else []) + lines[after:]
+        elif new_at_start:
+            new_lines = section + ([""] + lines if lines else [])
+        else:
+            while lines and not lines[-1].strip():
+                lines.pop()
+            new_lines = lines + ([""] if lines else []) + section
+    return write_atomic(path, "\n".join(new_lines) + "\n")
 
 
 def is_alpaca_sample(path):
@@ -182,11 +223,17 @@ def normalize_record(path, index, record):
             f"{path}: record {index}: unknown format (fields {sorted(record)[:6]}); expected Alpaca "
             "('instruction', 'input', 'output') or iCliniq ('input', 'answer_icliniq')"
         )
-    return {
+    normalized = {
         "instruction": _string_field(path, index, record, "instruction"),
         "input": _string_field(path, index, record, "input", required=False),
         "output": _string_field(path, index, record, "output"),
     }
+    if "accepted" in record:  # eval sets: the diagnoses that count as right (data/lay_questions.json)
+        accepted = record["accepted"]
+        if not (isinstance(accepted, list) and accepted and all(isinstance(a, str) and a for a in accepted)):
+            raise DataError(f"{path}: record {index}: field 'accepted' must be a non-empty list of disease names")
+        normalized["accepted"] = accepted
+    return normalized
 
 
 def load_records(path):
@@ -373,8 +420,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
     would make SDPA compute every token against the whole row, (row / example length) times the work.
     Without sequence boundaries (a padded batch, generation) it is plain SDPA with the mask."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers import AttentionInterface
 
+    sdpa_attention_forward = AttentionInterface()["sdpa"]
     kwargs.pop("is_causal", None)
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -389,27 +437,31 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
 
 def use_packed_attention(model):
     """Switch a model with SDPA attention to `packed_sdpa_attention` (flash attention is kept: it is varlen already)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers import AttentionInterface, AttentionMaskInterface
 
-    current = model.config._attn_implementation
+    current = model.config._attn_implementation  # no public getter (docs/PRIVATE_API.md)
     if current != "sdpa":
         return current
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(PACKED_ATTENTION, AttentionMaskInterface()["sdpa"])
     model.set_attn_implementation(PACKED_ATTENTION)
     return PACKED_ATTENTION
 
 
 # ----------------------------------------------------------------------------- models
 
-def cpu_has_native_bf16():
-    """AVX512-BF16 / AMX (x86) or the BF16 extension (Arm): without them CPU bf16 autocast is slow."""
+def recorded_prompt_style(model_path):
+    """The prompt style train.py recorded in `model_path`, or None for a model trained elsewhere."""
+    path = Path(model_path) / PROMPT_STYLE_FILE
+    if not path.is_file():
+        return None
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False  # not Linux: assume the safe, usually faster fp32
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+        style = json.loads(path.read_text(encoding="utf-8"))["prompt_style"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelLoadError(f"{path}: expected a JSON object with 'prompt_style'") from None
+    if style not in PROMPT_STYLES:
+        raise ModelLoadError(f"{path}: prompt_style {style!r} is not one of {', '.join(PROMPT_STYLES)}")
+    return style
 
 
 def _looks_like_hub_id(name):
@@ -434,7 +486,7 @@ def check_model_path(path):
     if not any((p / f).is_file() for f in tokenizer_files):
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model)")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-        raise ModelLoadError(f"{path}: no weights (*.safetensors)")
+        raise ModelLoadError(f"{path}: no weights (*.safetensors / *.bin)")
 
 
 def _from_pretrained(auto_class, what, path, **kwargs):
@@ -450,17 +502,109 @@ def _from_pretrained(auto_class, what, path, **kwargs):
         raise ModelLoadError(f"{path}: cannot load {what} ({_first_line(e)})") from None
 
 
-def load_tokenizer(path, trust_remote_code=False, **kwargs):
-    from transformers import AutoTokenizer
+# The 2023 LLaMA conversions (the paper's base model) used class names that were renamed Llama* before release.
+LEGACY_LLAMA_TOKENIZER = "LLaMATokenizer"
+LEGACY_LLAMA_MODEL = "LLaMAForCausalLM"
+SENTENCEPIECE_SPECIAL_IDS = {"bos_token": "bos_id", "eos_token": "eos_id", "unk_token": "unk_id"}
 
-    return _from_pretrained(AutoTokenizer, "tokenizer", path, trust_remote_code=trust_remote_code, **kwargs)
+
+def _local_json(folder, name):
+    """A JSON object from a local model folder; {} when there is none (transformers then says what is wrong)."""
+    try:
+        data = json.loads((Path(folder).expanduser() / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value):
+    return value.get("content") if isinstance(value, dict) else value  # a dict: a saved AddedToken
+
+
+def _unnamed_special_tokens(folder):
+    """bos/eos/unk that the tokenizer files name as "" (early LLaMA conversions), or never name in a folder
+    without tokenizer.json (where they are named, tokenizer.json decides what is added to an encoding)."""
+    declared = [_local_json(folder, "tokenizer_config.json"), _local_json(folder, "special_tokens_map.json")]
+    sentencepiece_only = not (folder / "tokenizer.json").is_file()
+    unnamed = []
+    for name in SENTENCEPIECE_SPECIAL_IDS:
+        values = [_token_text(d[name]) for d in declared if name in d]
+        if (values and not all(values)) or (not values and sentencepiece_only):
+            unnamed.append(name)
+    return unnamed
+
+
+def _sentencepiece_special_tokens(folder, names):
+    """{name: (piece, id)} for the ids the sentencepiece model itself reserves (-1: it has none)."""
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    except (OSError, RuntimeError) as e:
+        raise ModelLoadError(f"{folder}: cannot read tokenizer.model ({_first_line(e)})") from None
+    ids = {name: getattr(sp, SENTENCEPIECE_SPECIAL_IDS[name])() for name in names}
+    return {name: (sp.id_to_piece(i), i) for name, i in ids.items() if i >= 0}
+
+
+def _special_tokens_from_sentencepiece(path):
+    """from_pretrained arguments for a 2023 LLaMA tokenizer folder: empty bos/eos/unk (today a RecursionError)
+    set from its tokenizer.model, with BOS added to every encoding as the 2023 LlamaTokenizer did. Logs one
+    line when it repairs anything."""
+    folder = Path(path).expanduser()
+    unnamed = _unnamed_special_tokens(folder) if (folder / "tokenizer.model").is_file() else []
+    tokens = _sentencepiece_special_tokens(folder, unnamed) if unnamed else {}
+    if not tokens:
+        return {}
+    kwargs = {name: piece for name, (piece, _) in tokens.items()}
+    repaired = ", ".join(f"{name.split('_')[0]} {piece} (id {i})" for name, (piece, i) in tokens.items())
+    if "bos_token" in tokens:
+        kwargs["add_bos_token"] = True
+        repaired += "; BOS added at the start of every encoding"
+    logger.info(f"{path}: tokenizer files leave special tokens empty; from tokenizer.model: {repaired}")
+    return kwargs
+
+
+def _tokenizer_class(path):
+    """AutoTokenizer, or LlamaTokenizer for a folder that names the 2023 class LLaMATokenizer (transformers 5
+    maps no model type to LlamaTokenizer any more and would guess a generic tokenizer)."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    declared = _local_json(path, "tokenizer_config.json").get("tokenizer_class")
+    return LlamaTokenizer if declared == LEGACY_LLAMA_TOKENIZER else AutoTokenizer
+
+
+def _check_sentencepiece_installed(path):
+    """Without sentencepiece and protobuf, transformers reads a lone tokenizer.model as a tiktoken file and
+    reports a missing tiktoken instead."""
+    folder = Path(path).expanduser()
+    if not (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+        return
+    try:
+        import google.protobuf  # noqa: F401
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{path}: reading tokenizer.model needs sentencepiece and protobuf "
+                             "(pip install -r requirements.txt)") from None
+
+
+def load_tokenizer(path, trust_remote_code=False, **kwargs):
+    _check_sentencepiece_installed(path)
+    kwargs = {**_special_tokens_from_sentencepiece(path), **kwargs}
+    return _from_pretrained(_tokenizer_class(path), "tokenizer", path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _model_class(path):
+    """AutoModelForCausalLM, or LlamaForCausalLM for a config that names the 2023 class LLaMAForCausalLM."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    architectures = _local_json(path, "config.json").get("architectures") or []
+    return LlamaForCausalLM if LEGACY_LLAMA_MODEL in architectures else AutoModelForCausalLM
 
 
 def load_model(path, dtype=None, trust_remote_code=False, **kwargs):
-    from transformers import AutoModelForCausalLM
-
     return _from_pretrained(
-        AutoModelForCausalLM, "model", path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        _model_class(path), "model", path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True,
+        **kwargs,
     )
 
 

@@ -10,9 +10,7 @@ KV cache kept between turns and with everything re-encoded each turn.
 Styles: ROUGE-L F1 of single-turn answers against the held-out reference, per --prompt_style.
 """
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,26 +21,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import chat  # noqa: E402
-from utils import load_data, load_model_and_tokenizer  # noqa: E402
+import machine  # noqa: E402
+from utils import load_data, load_model_and_tokenizer, replace_markdown_section, write_json_atomic  # noqa: E402
 
 SECTION = "## Chat"
-
-
-def memory_bandwidth(megabytes=512, repeats=5):
-    """Bytes moved per second by a large tensor copy (read + write), best of `repeats`."""
-    import torch
-
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * src.numel() * 4 / best
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+SECTION_BEGIN = "<!-- bench/bench_chat.py: begin (generated; edits inside are overwritten) -->"
+SECTION_END = "<!-- bench/bench_chat.py: end -->"
 
 
 def weight_bytes(model):
@@ -102,7 +86,6 @@ def eager_ceiling(bound, floor_s):
 def overhead_floor(model, tokens=64):
     """Seconds per decoded token of the same architecture (layers, heads, attention, cache) with near-zero
     weights: what PyTorch and the modelling code cost per token before any weight is read."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -143,19 +126,17 @@ def style_scores(model, tokenizer, records, max_new_tokens, repetition_penalty):
     return scores
 
 
-def machine():
-    import torch
-
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
-
-
-def report(args, bandwidth, weights, decode, forward, plain, floor, compiled, timings, styles, load_start):
+def report(args, description, load_start, bandwidth, weights, decode, forward, plain, floor, compiled, timings, styles,
+           layers):
+    """The '## Chat' section's text (without its heading). Every sentence about the hardware is from `description`
+    (machine.describe) and the rates measured in this run."""
     bound = bandwidth / weights
     reachable = eager_ceiling(bound, floor)
     command = " ".join(["python bench/bench_chat.py"] + [relative(a) for a in sys.argv[1:]])
-    lines = [SECTION, "", f"`{command}` on {load_start}; model `{relative(args.model_path)}` ({weights / 1e6:.0f} MB "
-             f"of float32 weights), {time.strftime('%Y-%m-%d')}.", "",
+    threads = description["torch_threads"]
+    lines = [f"`{command}` on {machine.summary(description)}, load average {load_start:.1f} at start; model "
+             f"`{relative(args.model_path)}` ({weights / 1e6:.0f} MB of float32 weights), {time.strftime('%Y-%m-%d')}.",
+             "",
              "| decode (greedy, after the prompt) | value |", "|---|---|",
              f"| memory bandwidth (torch copy, read + write) | {bandwidth / 1e9:.1f} GB/s |",
              f"| bound: bandwidth / weight bytes | {bound:.1f} tokens/s |",
@@ -171,10 +152,12 @@ def report(args, bandwidth, weights, decode, forward, plain, floor, compiled, ti
              f"| per-token floor: same architecture, near-zero weights, eager | {floor * 1000:.1f} ms/token |",
              f"| reachable eagerly: weights at full bandwidth + the floor | {reachable:.1f} tokens/s "
              f"({reachable / bound:.0%} of bound) |", "",
-             "One decoded token runs about 1,300 small PyTorch ops through 30 layers; the floor row is their cost "
-             "alone, and no faster weight reading can go below it. On this CPU MKL runs a one-row matmul on one "
-             "thread (about 12 GB/s of the bandwidth); `chat.split_cpu_gemv` turns it into a batched matmul over "
-             "row blocks of the weight, which uses both cores, and chat.py does that on CPU. `--compile` runs each "
+             f"One decoded token runs many small PyTorch ops through the model's {layers} layers; the floor row is "
+             "their cost alone, and no faster weight reading can go below it. Read as a rate, the plain one-row "
+             f"matmuls of the model forward took its weights at {plain['forward'] * weights / 1e9:.1f} GB/s "
+             f"({plain['forward'] * weights / bandwidth:.0%} of the copy bandwidth); `chat.split_cpu_gemv`, which "
+             f"runs each as a batched matmul over {threads} row blocks of the weight ({threads} torch threads here), "
+             f"took them at {forward * weights / 1e9:.1f} GB/s, and chat.py does that on CPU. `--compile` runs each "
              "decoding step as one compiled graph, which removes most of the floor, at the price of compiling on "
              "the first answer and of attending over the whole static cache at every step.", "",
              f"Time to first token in one greedy {chat.DEFAULT_PROMPT_STYLE}-style dialogue of held-out questions "
@@ -186,7 +169,7 @@ def report(args, bandwidth, weights, decode, forward, plain, floor, compiled, ti
         if turn <= len(reuse):
             (n, t_reuse, t_prefix), (_, t_fresh, _) = reuse[turn - 1], fresh[turn - 1]
             lines.append(f"| {turn} | {n} | {t_reuse * 1000:.0f} ms | {t_fresh * 1000:.0f} ms | {t_prefix * 1000:.0f} ms |")
-    if float(load_start.rsplit("load average ", 1)[1].split()[0]) > (os.cpu_count() or 1):
+    if load_start > (os.cpu_count() or 1):
         lines[2:2] = ["Other jobs shared the CPU during this run (load average above the core count): absolute speeds",
                       "are low and noisy, and the decode share of the bound is not the idle machine's. Rerun on an",
                       "idle machine for those; the with/without-reuse ratios hold either way.", ""]
@@ -207,19 +190,6 @@ def relative(path):
     """Paths under the repository as the reader's checkout would name them."""
     text = str(path)
     return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + os.sep) else text
-
-
-def write_section(path, text):
-    """Replace (or append) the '## Chat' section of `path`, leaving the other sections as they are."""
-    path = Path(path)
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end:] if end >= 0 else "")
-    path.write_text(new)
 
 
 def main():
@@ -243,11 +213,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    load_start = machine()
+    description, load_start = machine.describe(), os.getloadavg()[0]
     model, tokenizer = load_model_and_tokenizer(args.model_path, dtype=torch.float32)
     model.eval()
     records = load_data(args.data_path)
-    bandwidth, weights = memory_bandwidth(), weight_bytes(model)
+    bandwidth, weights = machine.memory_bandwidth(), weight_bytes(model)
     plain = {"forward": forward_speed(model), "generate": decode_speed(model, tokenizer, args.decode_tokens)}
     chat.split_cpu_gemv(model)  # what chat.py does on CPU
     forward = forward_speed(model)
@@ -268,19 +238,19 @@ def main():
         picked = [records[i] for i in example_indices(len(records), args.styles)]
         penalties = [float(x) for x in args.style_penalties.split(",")]
         styles = {penalty: style_scores(model, tokenizer, picked, args.style_tokens, penalty) for penalty in penalties}
-    text = report(args, bandwidth, weights, decode, forward, plain, floor, (compile_s, compiled), (reuse, fresh),
-                  styles, load_start)
-    print(text)
+    text = report(args, description, load_start, bandwidth, weights, decode, forward, plain, floor,
+                  (compile_s, compiled), (reuse, fresh), styles, model.config.num_hidden_layers)
+    print(f"{SECTION}\n\n{text}")
     if args.write:
-        write_section(args.write, text)
+        replace_markdown_section(args.write, text, SECTION_BEGIN, SECTION_END, heading=SECTION)
     if args.json:
         bound, last = bandwidth / weights, min(10, len(reuse))
-        Path(args.json).write_text(json.dumps({
+        write_json_atomic(args.json, {
             "bound_tokens_s": bound, "decode_tokens_s": decode, "decode_plain_tokens_s": plain["generate"],
             "decode_compiled_tokens_s": compiled, "compile_s": compile_s,
             "floor_s": floor, "reachable_tokens_s": eager_ceiling(bound, floor), "ttft_turn": last,
             "ttft_ratio_reuse": reuse[last - 1][1] / reuse[0][1], "ttft_ratio_fresh": fresh[last - 1][1] / fresh[0][1],
-        }, indent=1))
+        })
 
 
 if __name__ == "__main__":

@@ -45,12 +45,15 @@ def peak_flops(name, override=None):
     raise SystemExit(f"unknown GPU {name!r}: pass --peak_tflops")
 
 
-def build_model(out_dir):
+DEFAULT_TOKENIZER = ROOT / "models" / "SmolLM2-135M-Instruct"  # `make model`; any tokenizer folder will do
+
+
+def build_model(out_dir, tokenizer_dir=DEFAULT_TOKENIZER):
     """Random-weight LLaMA ~1.1B with the embedded default's tokenizer, saved as an HF folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(ROOT / "models" / "SmolLM2-135M-Instruct")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **LLAMA_1B)
     torch.manual_seed(0)
@@ -73,7 +76,8 @@ def configurations():
     return configs
 
 
-def run(steps=10, batch_size=4, records=2048, quick=False, only=None, peak_tflops=None, log=print):
+def run(steps=10, batch_size=4, records=2048, quick=False, only=None, peak_tflops=None, log=print,
+        tokenizer_dir=DEFAULT_TOKENIZER):
     import torch
 
     if not torch.cuda.is_available():
@@ -84,7 +88,7 @@ def run(steps=10, batch_size=4, records=2048, quick=False, only=None, peak_tflop
     results = {"device": device, "peak_flops": peak, "rows": [], "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "llama-1b"
-        results["n_params"] = build_model(model_dir)
+        results["n_params"] = build_model(model_dir, tokenizer_dir)
         torch.cuda.empty_cache()
         for name, flags in configurations().items():
             if only and name not in only:
@@ -92,7 +96,7 @@ def run(steps=10, batch_size=4, records=2048, quick=False, only=None, peak_tflop
             bench_train.CONFIGS[name] = SEED_FLAGS + flags[0]
             out = Path(tmp) / f"{name}.json"
             torchrun = Path(sys.executable).with_name("torchrun")
-            cmd = [str(torchrun), "--nproc_per_node=1", "--master_port=29631", str(ROOT / "bench" / "bench_gpu.py"),
+            cmd = [str(torchrun), "--standalone", "--nproc_per_node=1", str(ROOT / "bench" / "bench_gpu.py"),
                    "--worker", name, "--out", str(out), "--steps", str(steps), "--batch_size", str(batch_size),
                    "--records", str(records), "--model", str(model_dir)]
             start = time.perf_counter()
@@ -117,6 +121,7 @@ def main():
     p.add_argument("--records", type=int, default=2048)
     p.add_argument("--configs", help="comma-separated subset of " + ",".join(configurations()))
     p.add_argument("--peak_tflops", type=float, help="bf16 dense peak of this GPU, if not in the table")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer folder for the random-weight model")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -132,7 +137,8 @@ def main():
         args.max_length, args.threads, args.data_path = 512, None, bench_train.DATA
         return bench_train.worker(args.worker, args, args.out)
     only = args.configs.split(",") if args.configs else None
-    print(json.dumps(run(args.steps, args.batch_size, args.records, only=only, peak_tflops=args.peak_tflops), indent=2))
+    print(json.dumps(run(args.steps, args.batch_size, args.records, only=only, peak_tflops=args.peak_tflops,
+                         tokenizer_dir=args.tokenizer), indent=2))
 
 
 if __name__ == "__main__":

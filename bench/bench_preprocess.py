@@ -55,7 +55,7 @@ def ranks_that_tokenize(nproc=2, records=64):
             "json.dumps({'tokenized': len(calls), 'examples': len(examples)}))\n"
         )
         torchrun = Path(sys.executable).with_name("torchrun")
-        cmd = [str(torchrun), f"--nproc_per_node={nproc}", "--master_port=29613", str(script)]
+        cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(script)]  # --standalone: a free port
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         per_rank = {}
         for r in range(nproc):

@@ -90,6 +90,7 @@ def worker(name, args, out_path):
     import torch
     from transformers import TrainerCallback
 
+    import machine
     import train
     import utils
 
@@ -114,7 +115,7 @@ def worker(name, args, out_path):
     else:
         train.make_collator = lambda a, t: counting(make_collator(a, t))
     if "bf16" in name:
-        utils.cpu_has_native_bf16 = lambda: True  # measure bf16 even where train.py would turn it off
+        machine.cpu_has_native_bf16 = lambda flags=None: True  # measure bf16 even where train.py turns it off
 
     step_times = []
 
@@ -123,20 +124,16 @@ def worker(name, args, out_path):
             self.start = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a GPU step has only been queued when the callback runs
             step_times.append(time.perf_counter() - self.start)
 
-    base_trainer = train.Trainer if hasattr(train, "Trainer") else None
-    trainer_cls = getattr(train, "AtomicCheckpointTrainer", base_trainer)
-
-    class TimedTrainer(trainer_cls):
+    class TimedTrainer(train.AtomicCheckpointTrainer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.add_callback(Timer())
 
-    if hasattr(train, "AtomicCheckpointTrainer"):
-        train.AtomicCheckpointTrainer = TimedTrainer
-    if base_trainer is not None:
-        train.Trainer = TimedTrainer
+    train.AtomicCheckpointTrainer = TimedTrainer
     train.save_final_model = lambda *a, **kw: None  # not part of the step time
 
     records = utils.load_data(args.data_path or DATASETS[dataset_of(name)])[: args.records]

@@ -1,6 +1,14 @@
-"""Shared fixtures: a tiny random LLaMA (fast tests) and the embedded default SmolLM2 (where text matters)."""
+"""What the tests share: a tiny random LLaMA (fast tests), the embedded default SmolLM2 (where text matters),
+short training records, the bad data files, and chat.py in a pseudo-terminal. Test modules import helpers from
+here (`from conftest import ...`), never from each other."""
+import fcntl
 import os
+import pty
+import select
+import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +58,84 @@ def make_tiny_llama(out_dir, tokenizer, seed=0, layers=2, hidden=32):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+def short_records(n):
+    """Real GenMedGPT questions with short answers: fast to train on, still the real format."""
+    import utils
+
+    records = utils.load_records(utils.GENMEDGPT_PATH)[:n]
+    return [dict(r, output=" ".join(r["output"].split()[:12])) for r in records]
+
+
+# file name -> (content, or None for a missing file; what the one-line DataError must say)
+BAD_FILES = {
+    "missing.json": (None, "file not found"),
+    "empty.json": ("", "file is empty"),
+    "emptylist.json": ("[]", "no records"),
+    "notjson.json": ("this is not json", "not valid JSON"),
+    "truncated.json": ('[{"instruction": "a", "output": "b"}, {"instr', "not valid JSON"),
+    "object.json": ('{"instruction": "a", "output": "b"}', "top-level JSON object"),
+    "scalar.json": ("42", "top-level JSON int"),
+    "notobjects.json": ('["a", "b"]', "record 0: expected a JSON object, got str"),
+    "nooutput.json": ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', "record 1: missing field 'output'"),
+    "noinstruction.json": ('[{"output": "b"}]', "record 0: missing field 'instruction'"),
+    "nulloutput.json": ('[{"instruction": "a", "output": null}]', "record 0: field 'output' must be a string, got null"),
+    "intinput.json": ('[{"instruction": "a", "input": 3, "output": "b"}]', "record 0: field 'input' must be a string, got int"),
+    "unknown.json": ('[{"question": "a", "answer": "b"}]', "record 0: unknown format"),
+    "brokenline.jsonl": ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "line 2: not valid JSON"),
+    "icliniqnull.json": ('[{"input": "a", "answer_icliniq": null}]', "field 'answer_icliniq' must be a string"),
+}
+
+
+def tiny_args(model_dir, *extra):
+    """chat.py arguments for a short greedy answer from `model_dir`."""
+    return ["--model_path", str(model_dir), "--greedy", "--max_new_tokens", "8", *extra]
+
+
+class Terminal:
+    """chat.py in a pseudo-terminal, read and typed into like a person would."""
+
+    def __init__(self, *args, stderr=None):
+        """stderr: where the program's stderr goes (a file, say) instead of the terminal."""
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.process = subprocess.Popen([sys.executable, "chat.py", *args], cwd=ROOT, stdin=slave, stdout=slave,
+                                        stderr=slave if stderr is None else stderr, env=env,
+                                        preexec_fn=self.take_terminal)
+        os.close(slave)
+        self.output = ""
+
+    @staticmethod
+    def take_terminal():
+        """In the child: a new session whose controlling terminal is the pty, so that Ctrl-C sends SIGINT."""
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    def expect(self, text, timeout=60):
+        deadline = time.time() + timeout
+        while text not in self.output:
+            if time.time() > deadline or not select.select([self.master], [], [], deadline - time.time())[0]:
+                raise AssertionError(f"no {text!r} in: {self.output[-2000:]!r}")
+            try:
+                self.output += os.read(self.master, 4096).decode(errors="replace")
+            except OSError:  # the program has exited
+                raise AssertionError(f"no {text!r} in: {self.output[-2000:]!r}") from None
+        found = self.output
+        self.output = self.output[self.output.index(text) + len(text):]
+        return found
+
+    def type(self, text):
+        os.write(self.master, text.encode())
+
+    def wait(self, timeout=30):
+        """Read what is left until the program exits; its exit code."""
+        deadline = time.time() + timeout
+        while self.process.poll() is None and time.time() < deadline:
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.output += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:
+                    break
+        return self.process.wait(timeout=max(1, deadline - time.time()))
+

@@ -1,18 +1,12 @@
 """chat.py: prompt building, trimming, stop handling, red flags, the three modes, and a real terminal session."""
-import fcntl
 import io
-import os
-import pty
-import select
-import subprocess
 import sys
-import termios
 import time
 
 import pytest
 
 import chat
-from conftest import ROOT
+from conftest import Terminal, tiny_args
 from utils import CHATDOCTOR_INSTRUCTION, PROMPT_DICT
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.1, "max_new_tokens": 8}
@@ -287,10 +281,6 @@ def test_embedded_model_answers_a_medical_question(embedded):
 
 # ----------------------------------------------------------------------------- the command line, in-process
 
-def tiny_args(model_dir, *extra):
-    return ["--model_path", str(model_dir), "--greedy", "--max_new_tokens", "8", *extra]
-
-
 def expected_answers(tiny, questions):
     model, tokenizer = tiny
     return chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, GREEDY).respond_all(questions)
@@ -403,53 +393,6 @@ def test_8bit_without_cuda_is_a_clear_error(tiny_model_dir, capsys):
 
 
 # ----------------------------------------------------------------------------- a real terminal session
-
-class Terminal:
-    """chat.py in a pseudo-terminal, read and typed into like a person would."""
-
-    def __init__(self, *args, stderr=None):
-        """stderr: where the program's stderr goes (a file, say) instead of the terminal."""
-        self.master, slave = pty.openpty()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen([sys.executable, "chat.py", *args], cwd=ROOT, stdin=slave, stdout=slave,
-                                        stderr=slave if stderr is None else stderr, env=env,
-                                        preexec_fn=self.take_terminal)
-        os.close(slave)
-        self.output = ""
-
-    @staticmethod
-    def take_terminal():
-        """In the child: a new session whose controlling terminal is the pty, so that Ctrl-C sends SIGINT."""
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    def expect(self, text, timeout=60):
-        deadline = time.time() + timeout
-        while text not in self.output:
-            if time.time() > deadline or not select.select([self.master], [], [], deadline - time.time())[0]:
-                raise AssertionError(f"no {text!r} in: {self.output[-2000:]!r}")
-            try:
-                self.output += os.read(self.master, 4096).decode(errors="replace")
-            except OSError:  # the program has exited
-                raise AssertionError(f"no {text!r} in: {self.output[-2000:]!r}") from None
-        found = self.output
-        self.output = self.output[self.output.index(text) + len(text):]
-        return found
-
-    def type(self, text):
-        os.write(self.master, text.encode())
-
-    def wait(self, timeout=30):
-        """Read what is left until the program exits; its exit code."""
-        deadline = time.time() + timeout
-        while self.process.poll() is None and time.time() < deadline:
-            if select.select([self.master], [], [], 0.2)[0]:
-                try:
-                    self.output += os.read(self.master, 4096).decode(errors="replace")
-                except OSError:
-                    break
-        return self.process.wait(timeout=max(1, deadline - time.time()))
-
 
 def test_terminal_session(tiny_model_dir):
     t = Terminal(*tiny_args(tiny_model_dir))

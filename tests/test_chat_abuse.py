@@ -11,8 +11,7 @@ import time
 import pytest
 
 import chat
-from conftest import ROOT
-from test_chat import Terminal, tiny_args
+from conftest import ROOT, Terminal, tiny_args
 
 # One thread: on a busy machine torch's second thread mostly waits for a core, which makes generation slower.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

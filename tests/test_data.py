@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import utils
+from conftest import BAD_FILES
 from utils import IGNORE_INDEX, DataError, build_prompt, load_data, load_records, tokenize_supervised
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,25 +187,6 @@ def test_no_code_reads_outside_the_repository():
                            capture_output=True, text=True, check=True).stdout.split()
     needle = "../sha" + "red"  # spelled in two pieces so that this test does not find itself
     assert not [f for f in files if needle in (utils.ROOT / f).read_text()]
-
-
-BAD_FILES = {
-    "missing.json": (None, "file not found"),
-    "empty.json": ("", "file is empty"),
-    "emptylist.json": ("[]", "no records"),
-    "notjson.json": ("this is not json", "not valid JSON"),
-    "truncated.json": ('[{"instruction": "a", "output": "b"}, {"instr', "not valid JSON"),
-    "object.json": ('{"instruction": "a", "output": "b"}', "top-level JSON object"),
-    "scalar.json": ("42", "top-level JSON int"),
-    "notobjects.json": ('["a", "b"]', "record 0: expected a JSON object, got str"),
-    "nooutput.json": ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', "record 1: missing field 'output'"),
-    "noinstruction.json": ('[{"output": "b"}]', "record 0: missing field 'instruction'"),
-    "nulloutput.json": ('[{"instruction": "a", "output": null}]', "record 0: field 'output' must be a string, got null"),
-    "intinput.json": ('[{"instruction": "a", "input": 3, "output": "b"}]', "record 0: field 'input' must be a string, got int"),
-    "unknown.json": ('[{"question": "a", "answer": "b"}]', "record 0: unknown format"),
-    "brokenline.jsonl": ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "line 2: not valid JSON"),
-    "icliniqnull.json": ('[{"input": "a", "answer_icliniq": null}]', "field 'answer_icliniq' must be a string"),
-}
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))

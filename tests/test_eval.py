@@ -122,6 +122,19 @@ def test_score_diagnosis_accuracy(matcher, encoder):
     assert rows[1]["predicted_diseases"] == ["Flu"]
 
 
+def test_accepted_diagnoses_of_the_lay_set(matcher, encoder):
+    """data/lay_questions.json: everyday words that name no disease of the database, several right answers."""
+    from utils import ROOT, load_records
+
+    lay = load_records(ROOT / "data" / "lay_questions.json")
+    assert len(lay) >= 30 and all(r["accepted"] for r in lay)
+    assert not any(matcher.named(r["input"]) for r in lay)
+    assert all(set(r["accepted"]) <= set(matcher.names) for r in lay)
+    record = {"instruction": "i", "input": "burns when I pee", "output": "x", "accepted": ["Urinary tract infection", "Cystitis"]}
+    rows, metrics = ev.score([record, record], ["Maybe cystitis.", "Maybe gout."], matcher, encoder)
+    assert [r["diagnosis_correct"] for r in rows] == [True, False] and metrics["diagnosis_examples"] == 2
+
+
 # ----------------------------------------------------------------------------- held-out split
 
 def test_heldout_never_overlaps_train(tmp_path):
@@ -277,3 +290,37 @@ def test_loss_plot_without_losses(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot_loss.main([str(tmp_path / "nowhere")])
     assert "trainer_state.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded", [None, "alpaca"])
+def test_eval_scores_what_chat_says(tiny_model_dir, tmp_path, recorded):
+    """eval.py answers each patient message exactly as `chat.py --greedy` does for that model, with the
+    prompt style train.py recorded in the folder (or chat's default for a model trained elsewhere)."""
+    import shutil
+
+    import chat
+    import utils
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    if recorded:
+        (model_dir / utils.PROMPT_STYLE_FILE).write_text(json.dumps({"prompt_style": recorded}))
+    style = chat.prompt_style_for(model_dir)
+    assert style == (recorded or chat.DEFAULT_PROMPT_STYLE)
+    records = json.loads(GENMEDGPT_PATH.read_text())[:2]
+    model, tok = utils.load_model_and_tokenizer(model_dir)
+    ours = ev.generate_answers(model, tok, records, max_new_tokens=12, batch_size=1, style=style)
+    settings = {**chat.DEFAULT_GENERATION, "do_sample": False, "max_new_tokens": 12}
+    said = [chat.Chat(model, tok, style, settings).respond(r["input"]) for r in records]
+    assert ours == said and any(ours)
+
+
+def test_recorded_prompt_style_errors(tmp_path):
+    import utils
+
+    (tmp_path / utils.PROMPT_STYLE_FILE).write_text('{"prompt_style": "shakespeare"}')
+    with pytest.raises(utils.ModelLoadError, match="chatdoctor.json: prompt_style 'shakespeare' is not one of"):
+        utils.recorded_prompt_style(tmp_path)
+    (tmp_path / utils.PROMPT_STYLE_FILE).write_text('[1]')
+    with pytest.raises(utils.ModelLoadError, match="expected a JSON object with 'prompt_style'"):
+        utils.recorded_prompt_style(tmp_path)

@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 import checkpoints
 import train
 import utils
-from test_data import BAD_FILES
-from test_train import short_records
+from conftest import BAD_FILES, short_records
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_STEPS = 6, 2  # 16 records in batches of 4: the run crosses an epoch boundary at step 4
@@ -173,6 +172,70 @@ def test_explicit_resume_from_checkpoint_still_works(run, reference):
     assert max_weight_difference(out_dir(args), reference) < 1e-4
 
 
+# ----------------------------------------------------------------------------- what the checkpoint override touches
+
+def best_model_run(run, out_name):
+    """--load_best_model_at_end over an eval set, keeping 2 checkpoints. The eval set is the training data and
+    --greater_is_better makes the highest eval loss the best: the loss falls as the model learns, so the best
+    checkpoint is the first (step 2), never the newest, which is what rotation and loading must both get right."""
+    args = run(out_name)
+    return args + ["--eval_data_path", args[args.index("--data_path") + 1], "--eval_strategy", "steps",
+                   "--eval_steps", str(SAVE_STEPS), "--load_best_model_at_end", "True", "--metric_for_best_model",
+                   "loss", "--greater_is_better", "True", "--save_total_limit", "2"]
+
+
+def checkpoint_names(out):
+    return sorted(p.name for p in checkpoints.checkpoint_folders(out))
+
+
+@pytest.mark.slow
+def test_load_best_model_at_end_save_total_limit_and_resume_keep_and_publish_the_best(run, caplog):
+    args = best_model_run(run, "best")
+    out = out_dir(args)
+    best = out / f"checkpoint-{SAVE_STEPS}"
+    trainer = train.main(args)
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) == STEPS // SAVE_STEPS and evals[0] == max(evals)  # the premise: step 2 is the best
+    assert trainer.state.best_model_checkpoint == str(best)  # the published folder, not its staging name
+    assert checkpoint_names(out) == [best.name, f"checkpoint-{STEPS}"]  # checkpoint-4 rotated out, the best kept
+    for folder in checkpoints.checkpoint_folders(out):
+        assert json.loads((folder / "trainer_state.json").read_text())["best_model_checkpoint"] == str(best)
+    assert max_weight_difference(out, best) == 0  # the final model is the best checkpoint's
+    assert not list(out.glob("tmp-*"))
+
+    # The newest checkpoint lost: the same command resumes from the best one, still knows it is the best,
+    # rotates checkpoint-4 out again and publishes the best model again.
+    shutil.rmtree(out / f"checkpoint-{STEPS}")
+    with caplog.at_level("INFO", logger="chatdoctor"):
+        resumed = train.main(args)
+    assert f"resuming from {best}" in caplog.text
+    assert resumed.state.best_model_checkpoint == str(best)
+    assert checkpoint_names(out) == [best.name, f"checkpoint-{STEPS}"]
+    assert max_weight_difference(out, best) == 0
+
+
+def test_a_failing_loss_plot_is_a_warning_and_the_model_is_still_published(run, monkeypatch, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import plot_loss
+
+    def no_plot(*args, **kwargs):
+        raise RuntimeError("matplotlib: no usable font")
+
+    monkeypatch.setattr(plot_loss, "save_loss_plot", no_plot)
+    args = run("noplot", "--max_steps", "2", "--save_strategy", "no")
+    out = out_dir(args)
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"an older model's plot")
+    with caplog.at_level("WARNING", logger="chatdoctor"):
+        train.main(args)
+    assert "loss plot not written (matplotlib: no usable font)" in caplog.text
+    assert not (out / "loss.png").exists()  # no stale plot beside the new model
+    assert checkpoints.read_fingerprint(out) is not None and not list(out.glob("tmp-*"))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert model(**tokenizer(["a headache"], return_tensors="pt")).logits.isfinite().all()
+
+
 # ----------------------------------------------------------------------------- another run's output_dir
 
 @pytest.mark.slow
@@ -270,6 +333,7 @@ def test_explicit_incomplete_checkpoint_is_one_line_error(tiny_model_dir, tmp_pa
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
     (["--model_max_length", "8"], "--model_max_length 8 is too short"),
     (["--num_train_epochs", "0"], "--num_train_epochs must be > 0"),
+    (["--eval_strategy", "steps"], "--eval_strategy steps needs held-out data: pass --eval_data_path"),
 ])
 def test_bad_flags_are_one_line_before_any_work(flags, expected, tmp_path, capsys):
     out = tmp_path / "out"

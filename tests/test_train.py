@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import machine
 import train
 import utils
+from conftest import short_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,12 +24,6 @@ SEED_COMMAND = (
     "--tf32 True"
 ).split()
 SEED_COMMAND[SEED_COMMAND.index("full_shard_auto_wrap")] = "full_shard auto_wrap"
-
-
-def short_records(n):
-    """Real GenMedGPT questions with short answers: fast to train on, still the real format."""
-    records = utils.load_records(utils.GENMEDGPT_PATH)[:n]
-    return [dict(r, output=" ".join(r["output"].split()[:12])) for r in records]
 
 
 @pytest.fixture()
@@ -46,7 +42,7 @@ def test_seed_flags_are_mapped_and_adapted_to_cpu(caplog, monkeypatch):
     assert args.learning_rate == 2e-5 and args.lr_scheduler_type == "cosine" and args.weight_decay == 0.0
     assert args.model_max_length == 512 and args.optim == "adamw_torch_fused"
     assert args.use_cpu and not args.tf32 and not args.fsdp
-    assert args.bf16 == utils.cpu_has_native_bf16()
+    assert args.bf16 == machine.cpu_has_native_bf16()
     bf16_line = "bf16 as CPU autocast" if args.bf16 else "--bf16 dropped, fp32 instead"
     for line in ("--evaluation_strategy no -> --eval_strategy", "--warmup_ratio 0.03", "--tf32 dropped",
                  "use_cpu=True", "--fsdp dropped", bf16_line):
@@ -87,6 +83,7 @@ def test_tiny_training_lowers_loss_and_saved_folder_reloads_with_equal_logits(ti
 
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert (out / "loss.png").stat().st_size > 1000
+    assert utils.recorded_prompt_style(out) == "alpaca"  # chat.py and eval.py prompt it as it was trained
     reloaded = AutoModelForCausalLM.from_pretrained(out)  # no project code needed
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert reloaded.generation_config.eos_token_id == tokenizer.eos_token_id
@@ -120,7 +117,7 @@ def test_packing_trains_on_the_same_losses_as_padding(tiny_model_dir, small_data
 
 
 def run_train(args, env=None, torchrun=False, timeout=600):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
     cmd = (launcher if torchrun else [sys.executable]) + [str(ROOT / "train.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
