@@ -2,7 +2,8 @@
 ~1.1B LLaMA-architecture model built from a config (random weights: speed only), sequence 512.
 
     python bench/bench_gpu.py                 # needs CUDA; prints JSON
-    python bench/bench_gpu.py --steps 5 --configs padded,packing
+    python bench/bench_gpu.py --steps 10 --batch_size 4 --json docs/gpu/h200-batch4.json --write docs/BENCHMARKS.md
+    python bench/bench_gpu.py --from_json docs/gpu/*.json --write docs/BENCHMARKS.md   # re-render, no GPU needed
 Configurations: padded (the original batching), --packing, each with SDPA and (when flash-attn is
 installed) flash_attention_2, and with liger-kernel when installed. Each runs train.py's train() in its own
 `torchrun --nproc_per_node 1` process via bench_train.py's worker. MFU = model FLOP/s / the GPU's dense bf16
@@ -24,6 +25,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import bench_train  # noqa: E402
+import machine  # noqa: E402
+from utils import replace_markdown_section, write_json_atomic  # noqa: E402
+
+SECTION = "## GPU"
+SECTION_BEGIN = "<!-- bench/bench_gpu.py: begin (generated; edits inside are overwritten) -->"
+SECTION_END = "<!-- bench/bench_gpu.py: end -->"
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, without sparsity).
 BF16_PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835,
@@ -114,6 +121,27 @@ def run(steps=10, batch_size=4, records=2048, quick=False, only=None, peak_tflop
     return results
 
 
+def render(results_list):
+    """The GPU section of docs/BENCHMARKS.md: one row per configuration of each saved run."""
+    lines = ["Random-weight LLaMA of TinyLlama-1.1B's shape on GenMedGPT training records (sequences up to 512), "
+             "the seed command's flags (FSDP full_shard auto_wrap under `torchrun --nproc_per_node 1`, bf16, tf32, "
+             "cosine, warmup 0.03), 1 warm-up step then the timed steps. MFU = model FLOP/s over the GPU's dense bf16 "
+             "peak. Each row names the command that measured it.", "",
+             "| command | device | batching | per-device batch | tokens/s | supervised tokens/s | MFU | padding | "
+             "mean loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for results in results_list:
+        for r in results.get("rows", []):
+            lines.append(f"| `{results.get('command', 'python bench/bench_gpu.py')}` | {r['device']} | {r['name']} | "
+                         f"{results.get('batch_size', '?')} | {r['tokens_s']:.0f} | {r['supervised_tokens_s']:.0f} | "
+                         f"{r['mfu']:.1%} | {r['padding_waste']:.0%} | {r['mean_loss_timed']:.3f} |")
+    for results in results_list:
+        if results.get("machine"):
+            lines += ["", f"Machine: {machine.summary(results['machine'])}; transformers "
+                          f"{results.get('transformers', '?')}."]
+            break
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
@@ -122,6 +150,9 @@ def main():
     p.add_argument("--configs", help="comma-separated subset of " + ",".join(configurations()))
     p.add_argument("--peak_tflops", type=float, help="bf16 dense peak of this GPU, if not in the table")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer folder for the random-weight model")
+    p.add_argument("--json", help="save the results (with the command and the machine) to this file")
+    p.add_argument("--write", help="rewrite the GPU section of this markdown file (docs/BENCHMARKS.md)")
+    p.add_argument("--from_json", nargs="+", help="render --write from saved --json files instead of measuring")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -136,9 +167,22 @@ def main():
             utils.load_model = lambda *a, **kw: load_model(*a, attn_implementation=attn, **kw)
         args.max_length, args.threads, args.data_path = 512, None, bench_train.DATA
         return bench_train.worker(args.worker, args, args.out)
-    only = args.configs.split(",") if args.configs else None
-    print(json.dumps(run(args.steps, args.batch_size, args.records, only=only, peak_tflops=args.peak_tflops,
-                         tokenizer_dir=args.tokenizer), indent=2))
+    if args.from_json:
+        results_list = [json.loads(Path(path).read_text()) for path in args.from_json]
+    else:
+        only = args.configs.split(",") if args.configs else None
+        results = run(args.steps, args.batch_size, args.records, only=only, peak_tflops=args.peak_tflops,
+                      tokenizer_dir=args.tokenizer, log=lambda text: print(text, file=sys.stderr))
+        import transformers
+
+        results.update(command="python bench/bench_gpu.py " + " ".join(sys.argv[1:]), batch_size=args.batch_size,
+                       machine=machine.describe(), transformers=transformers.__version__)
+        print(json.dumps(results, indent=2))
+        if args.json:
+            write_json_atomic(args.json, results)
+        results_list = [results]
+    if args.write:
+        replace_markdown_section(args.write, render(results_list), SECTION_BEGIN, SECTION_END, heading=SECTION)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def goal_rows(runs):
                          f"{median(runs, gpu_value('tokens_s')):.0f} tok/s, MFU {mfu_text}", mfu >= 0.45))
     else:
         rows.append(("GPU", "seed command, ~1B LLaMA, FSDP + bf16 + tf32, seq 512", ">= 45% MFU",
-                     "not measured: no GPU lent this session" if not gpu else gpu.get("reason", "not measured"), None))
+                     "not measured in this run (see the GPU section)" if not gpu else gpu.get("reason", "not measured"),
+                     None))
     return rows
 
 
@@ -328,19 +329,8 @@ def render(args, runs, load_start, load_end, started, minutes):
               "two peaks). The peak is the best of several repeats, so on a loaded machine it catches a quiet moment "
               "while the training steps run through the load: MFU reads low then.",
               f"- bf16: {machine.bf16_sentence(description)}"]
-    lines += ["", "## GPU (bench/bench_gpu.py)", ""]
-    if gpu and "rows" in gpu:
-        lines += [f"Device: {gpu['device']}; bf16 peak {gpu['peak_flops'] / 1e12:.0f} TFLOP/s.", "",
-                  "| configuration | tokens/s | MFU |", "|---|---|---|"]
-        for r in gpu["rows"]:
-            def gpu_value(key, n=r["name"]):
-                return lambda run: next(x for x in run["gpu"]["rows"] if x["name"] == n)[key]
-
-            lines.append(f"| {r['name']} | {figure(runs, gpu_value('tokens_s'), lambda x: f'{x:.0f}')} | "
-                         f"{figure(runs, gpu_value('mfu'), fmt_percent)} |")
-    else:
-        lines.append("Not measured: no GPU lent this session. On a CUDA machine: `python bench/bench_gpu.py` "
-                     "(or `make bench`, which runs it when CUDA is present).")
+    lines += ["", "GPU figures: the `## GPU` section below, written by `bench/bench_gpu.py --write` (this script runs it "
+              "when CUDA is present)."]
     return "\n".join(lines) + "\n"
 
 
@@ -377,6 +367,8 @@ def measure(args, skip, steps):
             import bench_gpu
 
             gpu = bench_gpu.run(quick=args.quick)
+            replace_markdown_section(DOC, bench_gpu.render([gpu]), bench_gpu.SECTION_BEGIN, bench_gpu.SECTION_END,
+                                     heading=bench_gpu.SECTION)
     if "chat" not in skip:
         print("chat ...", flush=True)
         chat_json = RESULTS.with_name("benchmarks-chat.json")
