@@ -16,7 +16,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test chat recipe cpu-run eval bench clean
+.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -69,18 +69,37 @@ recipe: setup
 # The longer CPU run behind docs/RESULTS.md: stage 1 for 8 steps of 8, stage 2 for 60 steps of 16, then make eval.
 CPU_STAGE1_STEPS ?= 8
 CPU_STAGE2_STEPS ?= 60
+CPU_STAGE2 := --overwrite_output_dir True --max_steps $(CPU_STAGE2_STEPS) --per_device_train_batch_size 16 $(DEMO_ARGS)
 cpu-run: data model
 	$(PY) train.py --model_name_or_path $(BASE_MODEL) --data_path alpaca_data.json --output_dir models/stage1 \
 		--overwrite_output_dir True --max_steps $(CPU_STAGE1_STEPS) --per_device_train_batch_size 8 $(DEMO_ARGS)
 	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
-		--overwrite_output_dir True --max_steps $(CPU_STAGE2_STEPS) --per_device_train_batch_size 16 $(DEMO_ARGS)
+		$(CPU_STAGE2)
 	$(MAKE) eval
 
+# The retrieval-aware stage-2 training set: each patient message followed by the entries retrieved for it.
+retrieval-data: data
+	$(PY) prepare.py retrieval
+
+# Stage 2 of the CPU run again, same budget, on the retrieval-grounded split (after make cpu-run's stage 1).
+retrieval-tuned: retrieval-data
+	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train_retrieval.json \
+		--output_dir models/pretrained-retrieval $(CPU_STAGE2)
+
 EVAL_N ?= 50
-# Base model, stage 1 and ./pretrained on the same held-out examples -> docs/RESULTS.md + docs/results.png
+KNOWLEDGE ?= format_dataset.csv
+# Every row of docs/RESULTS.md's two tables: the echo baseline, base, stage 1, fine-tuned, fine-tuned with
+# knowledge, retrieval-tuned with knowledge (when `make retrieval-tuned` has run), and the released autonomous
+# pipeline, on the held-out GenMedGPT questions and on the lay-language questions.
+EVAL_MODELS := base=$(BASE_MODEL) stage1=models/stage1 final=pretrained final+knowledge=pretrained@knowledge \
+	$(if $(wildcard models/pretrained-retrieval/model.safetensors),retrieval-tuned+knowledge=models/pretrained-retrieval@knowledge) \
+	original-pipeline=pretrained@original
 eval: data model
-	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained \
-		--num_examples $(EVAL_N) --output_dir runs/eval --results_md docs/RESULTS.md
+	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --num_examples $(EVAL_N) \
+		--output_dir runs/eval --results_md docs/RESULTS.md
+	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
+		--num_examples 0 --output_dir runs/eval-lay --results_md docs/RESULTS.md \
+		--results_section "Lay-language questions (\`make eval\`)"
 
 # Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run.
 # BENCH_REPEATS=3: every benchmark three times, each figure the median with the min-max beside it.

