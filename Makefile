@@ -87,10 +87,12 @@ retrieval-tuned: retrieval-data
 		--output_dir models/pretrained-retrieval $(CPU_STAGE2)
 
 EVAL_N ?= 50
+STYLE_N ?= 20
 KNOWLEDGE ?= format_dataset.csv
 # Every row of docs/RESULTS.md's two tables: the echo baseline, base, stage 1, fine-tuned, fine-tuned with
 # knowledge, retrieval-tuned with knowledge (when `make retrieval-tuned` has run), and the released autonomous
-# pipeline, on the held-out GenMedGPT questions and on the lay-language questions.
+# pipeline, on the held-out GenMedGPT questions and on the lay-language questions; then both prompt styles
+# (chat.py's chatdoctor and the Alpaca training template) on the base and the fine-tuned model.
 EVAL_MODELS := base=$(BASE_MODEL) stage1=models/stage1 final=pretrained final+knowledge=pretrained@knowledge \
 	$(if $(wildcard models/pretrained-retrieval/model.safetensors),retrieval-tuned+knowledge=models/pretrained-retrieval@knowledge) \
 	original-pipeline=pretrained@original
@@ -100,6 +102,9 @@ eval: data model
 	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
 		--num_examples 0 --output_dir runs/eval-lay --results_md docs/RESULTS.md \
 		--results_section "Lay-language questions (\`make eval\`)"
+	$(PY) eval.py --compare base-chatdoctor=$(BASE_MODEL)@chatdoctor base-alpaca=$(BASE_MODEL)@alpaca \
+		final-chatdoctor=pretrained@chatdoctor final-alpaca=pretrained@alpaca --num_examples $(STYLE_N) \
+		--output_dir runs/eval-styles --results_md docs/RESULTS.md --results_section "Prompt styles (\`make eval\`)"
 
 # Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run.
 # BENCH_REPEATS=3: every benchmark three times, each figure the median with the min-max beside it.

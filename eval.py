@@ -576,18 +576,22 @@ MODES = ("knowledge", "original")  # NAME=PATH@knowledge: grounded answers; NAME
 
 
 def parse_compare(items):
-    """[(name, path, mode)] from NAME=PATH[@knowledge|@original] items."""
-    triples = []
+    """[(name, path, mode, prompt style or None)] from NAME=PATH[@OPTION[,OPTION]] items, each OPTION a mode
+    (knowledge, original) or a prompt style (chatdoctor, alpaca)."""
+    models = []
     for item in items:
         name, sep, path = item.partition("=")
-        path, at, mode = path.rpartition("@") if "@" in path else (path, "", "plain")
-        if not sep or not name or not path or (at and mode not in MODES):
-            raise ModelLoadError(f"--compare {item!r}: expected NAME=PATH or NAME=PATH@knowledge / @original, "
-                                 "e.g. base=models/SmolLM2-135M-Instruct")
-        triples.append((name, path, mode))
-    if len({n for n, _, _ in triples}) != len(triples):
+        path, _, options = path.partition("@") if "@" in path else (path, "", "")
+        options = [o for o in options.split(",") if o]
+        modes = [o for o in options if o in MODES]
+        styles = [o for o in options if o in PROMPT_STYLES]
+        if not sep or not name or not path or len(modes) > 1 or len(styles) > 1 or len(modes) + len(styles) < len(options):
+            raise ModelLoadError(f"--compare {item!r}: expected NAME=PATH[@OPTION[,OPTION]] with an option among "
+                                 f"{', '.join(MODES + PROMPT_STYLES)}, e.g. base=models/SmolLM2-135M-Instruct")
+        models.append((name, path, modes[0] if modes else "plain", styles[0] if styles else None))
+    if len({m[0] for m in models}) != len(models):
         raise ModelLoadError("--compare: model names must be distinct")
-    return triples
+    return models
 
 
 def main(argv=None):
@@ -627,14 +631,14 @@ def main(argv=None):
             models = parse_compare(args.compare)
         else:
             mode = ("original" if args.knowledge_mode == "original" else "knowledge") if args.knowledge else "plain"
-            models = [(Path(args.model_path).name, args.model_path, mode)]
+            models = [(Path(args.model_path).name, args.model_path, mode, None)]
         from utils import check_model_path
 
-        for _, path, _ in models:  # every path checked before any model runs
+        for _, path, _, _ in models:  # every path checked before any model runs
             check_model_path(path)
         knowledge_spec = args.knowledge or str(DEFAULT_DISEASES)
         knowledge_base = None
-        if any(mode == "knowledge" for _, _, mode in models):
+        if any(mode == "knowledge" for _, _, mode, _ in models):
             import knowledge
 
             knowledge_base = knowledge.load_knowledge(knowledge_spec)
@@ -650,11 +654,11 @@ def main(argv=None):
         if args.compare:
             echo = evaluate_echo(records, out_root / "echo", matcher, encoder, bert_encoder, settings, indices)
             metrics_by_name[ECHO_NAME], rows_by_name[ECHO_NAME] = echo
-        for name, path, mode in models:
+        for name, path, mode, style in models:
             out = out_root / name if args.compare else out_root
             metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
                                            args.batch_size, bert_encoder, name=name, settings=settings,
-                                           indices=indices, prompt_style=args.prompt_style,
+                                           indices=indices, prompt_style=style or args.prompt_style,
                                            repetition_penalty=args.repetition_penalty, mode=mode,
                                            knowledge_base=knowledge_base, knowledge_spec=knowledge_spec,
                                            k=args.knowledge_k)

@@ -324,3 +324,12 @@ def test_recorded_prompt_style_errors(tmp_path):
     (tmp_path / utils.PROMPT_STYLE_FILE).write_text('[1]')
     with pytest.raises(utils.ModelLoadError, match="expected a JSON object with 'prompt_style'"):
         utils.recorded_prompt_style(tmp_path)
+
+
+def test_compare_options_choose_mode_and_prompt_style():
+    assert ev.parse_compare(["a=m", "b=m@knowledge", "c=m@alpaca", "d=m@original,chatdoctor"]) == [
+        ("a", "m", "plain", None), ("b", "m", "knowledge", None), ("c", "m", "plain", "alpaca"),
+        ("d", "m", "original", "chatdoctor")]
+    for bad in ("a=m@shakespeare", "a=m@knowledge,original", "=m", "a="):
+        with pytest.raises(ev.ModelLoadError, match="--compare"):
+            ev.parse_compare([bad])
