@@ -99,12 +99,12 @@ EVAL_MODELS := base=$(BASE_MODEL) stage1=models/stage1 final=pretrained final+kn
 eval: data model
 	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --num_examples $(EVAL_N) \
 		--output_dir runs/eval --results_md docs/RESULTS.md
-	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
-		--num_examples 0 --output_dir runs/eval-lay --results_md docs/RESULTS.md \
-		--results_section "Lay-language questions (\`make eval\`)"
 	$(PY) eval.py --compare base-chatdoctor=$(BASE_MODEL)@chatdoctor base-alpaca=$(BASE_MODEL)@alpaca \
 		final-chatdoctor=pretrained@chatdoctor final-alpaca=pretrained@alpaca --num_examples $(STYLE_N) \
 		--output_dir runs/eval-styles --results_md docs/RESULTS.md --results_section "Prompt styles (\`make eval\`)"
+	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
+		--num_examples 0 --output_dir runs/eval-lay --results_md docs/RESULTS.md \
+		--results_section "Lay-language questions (\`make eval\`)"
 
 # Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run.
 # BENCH_REPEATS=3: every benchmark three times, each figure the median with the min-max beside it.
