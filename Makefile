@@ -88,6 +88,7 @@ retrieval-tuned: retrieval-data
 
 EVAL_N ?= 50
 STYLE_N ?= 20
+EVAL_TOKENS ?= 128
 KNOWLEDGE ?= format_dataset.csv
 # Every row of docs/RESULTS.md's two tables: the echo baseline, base, stage 1, fine-tuned, fine-tuned with
 # knowledge, retrieval-tuned with knowledge (when `make retrieval-tuned` has run), and the released autonomous
@@ -96,14 +97,17 @@ KNOWLEDGE ?= format_dataset.csv
 EVAL_MODELS := base=$(BASE_MODEL) stage1=models/stage1 final=pretrained final+knowledge=pretrained@knowledge \
 	$(if $(wildcard models/pretrained-retrieval/model.safetensors),retrieval-tuned+knowledge=models/pretrained-retrieval@knowledge) \
 	original-pipeline=pretrained@original
+LAY_MODELS := final=pretrained final+knowledge=pretrained@knowledge \
+	$(if $(wildcard models/pretrained-retrieval/model.safetensors),retrieval-tuned+knowledge=models/pretrained-retrieval@knowledge)
 eval: data model
 	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --num_examples $(EVAL_N) \
-		--output_dir runs/eval --results_md docs/RESULTS.md
+		--max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval --results_md docs/RESULTS.md
 	$(PY) eval.py --compare base-chatdoctor=$(BASE_MODEL)@chatdoctor base-alpaca=$(BASE_MODEL)@alpaca \
 		final-chatdoctor=pretrained@chatdoctor final-alpaca=pretrained@alpaca --num_examples $(STYLE_N) \
-		--output_dir runs/eval-styles --results_md docs/RESULTS.md --results_section "Prompt styles (\`make eval\`)"
-	$(PY) eval.py --compare $(EVAL_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
-		--num_examples 0 --output_dir runs/eval-lay --results_md docs/RESULTS.md \
+		--max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-styles --results_md docs/RESULTS.md \
+		--results_section "Prompt styles (\`make eval\`)"
+	$(PY) eval.py --compare $(LAY_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
+		--num_examples 0 --max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-lay --results_md docs/RESULTS.md \
 		--results_section "Lay-language questions (\`make eval\`)"
 
 # Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run.
