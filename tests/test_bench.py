@@ -97,7 +97,7 @@ def test_report_has_goal_rows_and_keeps_gpu_honest(tmp_path):
     assert row_for("`--packing True` supervised", "Alpaca")[1:] == ("1.20x", False)
     assert row_for("decode tokens/s") == (">= 60%", "40% (20.0 tok/s)", False)
     assert row_for("time to first token") == ("<= 1.5x", "1.20x", True)
-    assert any(m == "not measured: no GPU lent this session" for _, m, _ in by_what.values())
+    assert any(m == "not measured in this run (see the GPU section)" and met is None for _, m, met in by_what.values())
     args = Namespace(quick=False, train_records=512, batch_size=4)
     text = run.render(args, [fake_run(cpu, pre, tr)], 1.0, 1.0, "now", 1.0)
     assert "| Preprocessing | warm (cached) vs original | >= 50x | 100.00x (100 ms) | yes |" in text
