@@ -68,7 +68,7 @@ def test_prompt_argument_bytes_that_are_not_text_become_replacement_characters()
 
 class RecordingChat:
     def __init__(self):
-        self.messages = []
+        self.messages, self.last_hits = [], []  # no knowledge base: nothing retrieved
 
     def respond(self, message, on_text=None, on_notice=None):
         self.messages.append(message)
