@@ -27,10 +27,9 @@ DOCTOR = "ChatDoctor"
 GREETING = "I am ChatDoctor, what medical questions do you have?"
 # A model that goes on to write the patient's next line has finished its answer; that line is never shown.
 STOP_STRINGS = ("Patient:",)
-# For a model train.py did not make (it records "alpaca", the template it trains on, in the saved folder).
-# Measured on held-out GenMedGPT records with the embedded default, greedy, the default repetition penalty
-# (bench/bench_chat.py, docs/BENCHMARKS.md#chat): the original chat prompt beats the Alpaca template there,
-# after which the penalised "\n" loses to EOS and many answers are empty.
+# For a model train.py did not make (it records "alpaca", the template it trains on, in the saved folder):
+# under the Alpaca template and the 1.1 repetition penalty the untrained embedded default often ends its answer
+# at once. `make eval` measures both styles on the base and the fine-tuned model (docs/RESULTS.md).
 DEFAULT_PROMPT_STYLE = "chatdoctor"
 DEFAULT_GENERATION = {"repetition_penalty": 1.1, "max_new_tokens": 200}  # the original chat.py's
 
