@@ -575,6 +575,21 @@ def write_results_md(path, section, title=DEFAULT_SECTION):
 MODES = ("knowledge", "original")  # NAME=PATH@knowledge: grounded answers; NAME=PATH@original: the released pipeline
 
 
+def finished_row(out_dir, model_path, num_examples, max_new_tokens, mode):
+    """(metrics, rows) an earlier run of the same comparison left in `out_dir`, or None when there is none or it
+    was made with other settings: an interrupted comparison goes on where it stopped (--reuse_finished)."""
+    metrics_path, rows_path = Path(out_dir) / "metrics.json", Path(out_dir) / "predictions.jsonl"
+    if not (metrics_path.is_file() and rows_path.is_file()):
+        return None
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    settings = metrics.get("settings", {})
+    if (metrics.get("model_path"), metrics.get("num_examples"), settings.get("max_new_tokens"),
+            settings.get("mode")) != (str(model_path), num_examples, max_new_tokens, mode):
+        return None
+    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
+    return metrics, rows
+
+
 def parse_compare(items):
     """[(name, path, mode, prompt style or None)] from NAME=PATH[@OPTION[,OPTION]] items, each OPTION a mode
     (knowledge, original) or a prompt style (chatdoctor, alpaca)."""
@@ -619,6 +634,8 @@ def main(argv=None):
                         help="with --model_path --knowledge: grounded answers or the released autonomous pipeline")
     parser.add_argument("--bertscore", action="store_true", help="also BERTScore F1 on a local encoder")
     parser.add_argument("--bertscore_model", default=None, help="local encoder folder (default all-MiniLM-L6-v2)")
+    parser.add_argument("--reuse_finished", action="store_true",
+                        help="with --compare: keep the rows an interrupted run of the same command already finished")
     parser.add_argument("--results_section", default=DEFAULT_SECTION,
                         help="with --compare: the title of the generated section of --results_md to rewrite")
     parser.add_argument("--results_md", default=str(ROOT / "docs" / "RESULTS.md"),
@@ -656,6 +673,11 @@ def main(argv=None):
             metrics_by_name[ECHO_NAME], rows_by_name[ECHO_NAME] = echo
         for name, path, mode, style in models:
             out = out_root / name if args.compare else out_root
+            finished = finished_row(out, path, len(records), args.max_new_tokens, mode) if args.reuse_finished else None
+            if finished:
+                metrics_by_name[name], rows_by_name[name] = finished
+                print(f"{name}: reusing the finished row in {out}")
+                continue
             metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
                                            args.batch_size, bert_encoder, name=name, settings=settings,
                                            indices=indices, prompt_style=style or args.prompt_style,

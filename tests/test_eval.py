@@ -333,3 +333,17 @@ def test_compare_options_choose_mode_and_prompt_style():
     for bad in ("a=m@shakespeare", "a=m@knowledge,original", "=m", "a="):
         with pytest.raises(ev.ModelLoadError, match="--compare"):
             ev.parse_compare([bad])
+
+
+def test_reuse_finished_rows_of_an_interrupted_comparison(tiny_model_dir, tmp_path, monkeypatch):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "i", "input": "I have gout?", "output": "You may have gout."}]))
+    args = ["--compare", f"a={tiny_model_dir}", "--data_path", str(data), "--max_new_tokens", "3",
+            "--output_dir", str(tmp_path / "runs"), "--results_md", str(tmp_path / "R.md"),
+            "--disease_csv", str(DISEASE_CSV)]
+    first = ev.main(args)
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: pytest.fail("a finished row was generated again"))
+    again = ev.main(args + ["--reuse_finished"])
+    assert again["a"]["rouge_l"] == first["a"]["rouge_l"]
+    with pytest.raises(BaseException):  # other settings: the row is not reused
+        ev.main(args[:-2] + ["--disease_csv", str(DISEASE_CSV), "--reuse_finished", "--max_new_tokens", "4"])
