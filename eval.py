@@ -405,7 +405,7 @@ def evaluate_echo(records, output_dir, matcher, encoder, bertscore_encoder=None,
     below it on diagnosis accuracy names no disease the question did not already name."""
     predictions = [r["input"] or r["instruction"] for r in records]
     run = {"model_path": "(the patient's message)", "generate_seconds": 0.0, "generate_cpu_seconds": 0.0,
-           "generated_tokens": 0, "settings": {**(settings or {}), "max_new_tokens": 0, "batch_size": 0,
+           "generated_tokens": 0, "model_calls_per_message": 0, "settings": {**(settings or {}), "max_new_tokens": 0, "batch_size": 0,
                                               "decoding": "none", "embedding_model": str(encoder.path),
                                               "torch_threads": 0}}
     return score_and_save(predictions, records, output_dir, matcher, encoder, run, bertscore_encoder, ECHO_NAME,
