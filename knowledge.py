@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is local; never wait
 ROOT = Path(__file__).resolve().parent
 DEFAULT_KNOWLEDGE = str(ROOT / "format_dataset.csv")
 CACHE_DIR = ROOT / ".cache" / "knowledge"
-RETRIEVER_VERSION = "2"  # bump when indexing changes: old caches are then ignored
+RETRIEVER_VERSION = "3"  # bump when indexing changes: old caches are then ignored
 # Entries per message. Recall still grows after 3 (bench/bench_knowledge.py), but a grounded GenMedGPT record
 # with 5 entries is over the recipe's 512 tokens in 40% of cases (prompt median 413 tokens), with 3 in none
 # (median 316, longest record under 512): 3 is what the retrieval-tuned model can be trained on.
@@ -58,7 +58,7 @@ WEIGHTS = {
     "words": 1.0,  # BM25 over the symptom list (or the passage)
     "phrases": 0.5,  # BM25 over the symptom names whose every word the question has ("sore throat")
     "clauses": 1.0,  # symptom names that a clause of the question paraphrases ("my skin turned yellow": Jaundice)
-    "title": 2.0,  # the question names the entry (its every title word): named diseases come first
+    "title": 2.0,  # the question names the entry (its title's words in a row): named diseases come first
     "dense": 1.0,  # cosine of MiniLM embeddings of the question and the symptom list (or the passage)
     "description": 0.5,  # cosine with the disease's description: lay wording ("after a long flight")
 }
@@ -347,7 +347,7 @@ def build_index(entries, out_dir):
     titles = {}
     for i, terms in enumerate(tokenize(e.title for e in entries)):
         if terms:
-            titles.setdefault(phrase_key(terms), []).append(i)
+            titles.setdefault(" ".join(terms), []).append(i)
     (out_dir / "titles.json").write_text(json.dumps(titles), encoding="utf-8")
     embeddings = embed(lexical_text(e) for e in entries)
     np.save(out_dir / "embeddings.npy", embeddings)
@@ -415,8 +415,8 @@ class KnowledgeBase:
         self.words = bm25s.BM25.load(path / "words", show_progress=False)
         self.phrases = bm25s.BM25.load(path / "phrases", show_progress=False) if (path / "phrases").is_dir() else None
         self.phrase_terms = {key: set(key.split()) for key in (self.phrases.vocab_dict if self.phrases else {}) if key}
-        titles = json.loads((path / "titles.json").read_text(encoding="utf-8"))
-        self.titles = [(set(key.split()), ids) for key, ids in titles.items()]
+        self.titles = json.loads((path / "titles.json").read_text(encoding="utf-8"))
+        self.longest_title = max((len(key.split()) for key in self.titles), default=0)
         self.embeddings = np.load(path / "embeddings.npy")
         self.symptom_matrix = self.symptom_embeddings = None
         if (path / "symptom_matrix.npz").is_file():
@@ -468,9 +468,8 @@ class KnowledgeBase:
             matched = np.clip((best - CLAUSE_MATCH) / (1 - CLAUSE_MATCH), 0, None)
             clause_scores = np.asarray(self.symptom_matrix @ matched).ravel()
         title = zeros.copy()
-        for need, ids in self.titles:
-            if need <= found:
-                title[ids] = 1.0
+        for ids in self.named_titles(terms):
+            title[ids] = 1.0
         if self.dense_index is None:
             candidates = slice(None)
         else:  # approximate: cosines only for the HNSW, BM25 and title candidates
@@ -483,6 +482,12 @@ class KnowledgeBase:
             description[candidates] = self.description_embeddings[candidates] @ query_vector
         return {"words": words, "phrases": phrases, "clauses": clause_scores, "title": title, "dense": dense,
                 "description": description}
+
+    def named_titles(self, terms):
+        """The entries whose title's words stand in the message in a row ("heart attack", not "attack ... heart")."""
+        spans = {" ".join(terms[i:j]) for i in range(len(terms))
+                 for j in range(i + 1, min(len(terms), i + self.longest_title) + 1)}
+        return [self.titles[span] for span in spans if span in self.titles]
 
     def fused_scores(self, query, encoded, weights=WEIGHTS):
         scores = self.component_scores(query, encoded)

@@ -154,6 +154,14 @@ def test_a_named_disease_comes_first(small_db):
     assert entry.title == "Vocal cord polyp"
 
 
+def test_a_title_is_named_only_by_its_words_in_a_row(tmp_path):
+    path = write(tmp_path / "t.jsonl", '{"title": "Heart attack", "text": "chest pain"}\n'
+                                       '{"title": "Panic attack", "text": "fear"}\n')
+    kb = load_knowledge(str(path), cache_dir=tmp_path / "cache")
+    named = kb.named_titles(knowledge.tokenize(["Sudden panic attacks with a racing heart"])[0])
+    assert named == [[1]]  # "attack ... heart" does not name "Heart attack"
+
+
 def test_search_returns_k_entries_best_first(small_db):
     hits = small_db.search("I feel anxious and nervous all the time, with palpitations and chest tightness", k=3)
     assert len(hits) == 3 and hits[0][0].title == "Panic disorder"
