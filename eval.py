@@ -26,7 +26,6 @@ by train.py in the models it saves, else chatdoctor), repetition penalty and sto
 with left padding. --compare adds an "echo the question" row: the patient's message as the answer.
 """
 import argparse
-import codecs
 import csv
 import io
 import json
@@ -41,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import chat
 import machine
+from knowledge import decode_escapes
 from utils import (PROMPT_STYLES, DataError, ModelLoadError, ensure_pad_token, fail, grounded_message, load_data,
                    load_model_and_tokenizer, replace_markdown_section, write_atomic)
 
@@ -56,17 +56,6 @@ RESULTS_END = "<!-- make eval: end -->"
 
 
 # ----------------------------------------------------------------------------- disease database
-
-_ESCAPED_BYTES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
-
-
-def decode_escapes(text):
-    r"""Undo the csv's Python-literal escapes: runs of `\xe2\x80\x93` are UTF-8 bytes, `\'` is a quote."""
-    text = _ESCAPED_BYTES.sub(
-        lambda m: codecs.escape_decode(m.group(0).encode("ascii"))[0].decode("utf-8", errors="replace"), text
-    )
-    return text.replace("\\'", "'").replace('\\"', '"')
-
 
 def load_diseases(csv_path=DEFAULT_DISEASES):
     """The disease names of ChatDoctor's format_dataset.csv, decoded, in file order."""
