@@ -379,6 +379,7 @@ class Chat:
         """Generate the answer to `message`, streaming it to on_text(chunk); returns the stripped answer."""
         start = time.perf_counter()
         shown_message = self.ground(message)
+        retrieved = time.perf_counter()
         turns, notice = fit_history(self.turns + [(PATIENT, shown_message)], self.style, self.count_tokens,
                                     self.budget)
         if not turns:
@@ -402,7 +403,7 @@ class Chat:
             self.fill_cache(self.encode(next_turn_prefix(self.turns, self.style)))
         self.stats = {"prompt_tokens": len(ids), "new_tokens": len(streamer.ids),
                       "first_token_s": (streamer.first_token_at or answered) - start, "answer_s": answered - start,
-                      "next_prefix_s": time.perf_counter() - answered}
+                      "next_prefix_s": time.perf_counter() - answered, "retrieval_s": retrieved - start}
         return answer
 
     def ground(self, message):

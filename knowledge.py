@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import DataError, ModelLoadError, _read_text
+from utils import DataError, ModelLoadError, read_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is local; never wait on a hub
 
@@ -129,7 +129,7 @@ def disease_text(title, fields):
 def read_disease_csv(path):
     """One entry per row of a CSV with format_dataset.csv's columns (idx, reason and the last two optional)."""
     path = Path(path)
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     columns = reader.fieldnames or []
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -159,7 +159,7 @@ def read_jsonl(path):
     """One entry per line of {"title": str, "text": str}."""
     path = Path(path)
     entries = []
-    for line_no, line in enumerate(_read_text(path).splitlines(), 1):
+    for line_no, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -584,7 +584,7 @@ def original_chunks(csv_path):
     path = Path(csv_path)
     if path.suffix.lower() != ".csv":
         raise DataError(f"{path}: --knowledge_mode original reads a disease CSV only")
-    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows:
         raise DataError(f"{path}: no rows")
     integer_columns = {c for c in rows[0] if all(re.fullmatch(r"-?\d+", r[c] or "") for r in rows)}

@@ -151,12 +151,13 @@ def is_alpaca_sample(path):
         sha256_of(path) == BUNDLED_SHA256[ALPACA_SAMPLE_PATH]
 
 
-def _read_text(path):
+def read_text(path):
+    """A data file's text, or a DataError naming the file: missing, a folder, unreadable, or not UTF-8."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a JSON or JSONL data file")
+        raise DataError(f"{path}: is a directory, expected a data file")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -248,7 +249,7 @@ def normalize_record(path, index, record):
 
 def load_records(path):
     """All records of one Alpaca / HealthCareMagic / iCliniq file (JSON list or JSONL), validated."""
-    text = _read_text(path)
+    text = read_text(path)
     raw = _parse_json_records(path, text)
     if not raw:
         raise DataError(f"{path}: no records (empty list)")

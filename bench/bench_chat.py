@@ -2,11 +2,13 @@
 
     python bench/bench_chat.py                                  # print the tables
     python bench/bench_chat.py --styles 20 --write docs/BENCHMARKS.md   # + prompt styles, into the '## Chat' section
+    python bench/bench_chat.py --knowledge format_dataset.csv   # + the dialogue grounded in the disease database
 
 Decode: greedy tokens/s once the prompt is encoded, against the memory-bandwidth bound (every weight is read
 once per token, so tokens/s <= bandwidth / weight bytes; bandwidth from a large torch copy).
 Dialogue: time to first token at turns 1, 5 and 10 of one greedy conversation (held-out questions), with the
-KV cache kept between turns and with everything re-encoded each turn.
+KV cache kept between turns and with everything re-encoded each turn; with --knowledge, the same dialogue
+grounded in retrieved entries (issue 12's goal: turn 10 / turn 1 <= 1.5x, retrieval <= 50 ms a turn).
 Styles: ROUGE-L F1 of single-turn answers against the held-out reference, per --prompt_style.
 """
 import argparse
@@ -21,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import chat  # noqa: E402
+import knowledge  # noqa: E402
 import machine  # noqa: E402
 from utils import load_data, load_model_and_tokenizer, replace_markdown_section, write_json_atomic  # noqa: E402
 
@@ -97,16 +100,19 @@ def overhead_floor(model, tokens=64):
     return 1 / forward_speed(tiny, tokens)
 
 
-def dialogue_timings(model, tokenizer, questions, reuse, max_new_tokens):
-    """Per turn: (prompt tokens, seconds to first token, seconds spent after the answer on the next prefix)."""
+def dialogue_timings(model, tokenizer, questions, reuse, max_new_tokens, knowledge_base=None):
+    """Per turn: (prompt tokens, seconds to first token, seconds spent after the answer on the next prefix,
+    seconds of retrieval within the first-token time)."""
     c = chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, {"do_sample": False, "max_new_tokens": max_new_tokens,
-                                                               "repetition_penalty": 1.1}, reuse_cache=reuse)
+                                                               "repetition_penalty": 1.1}, reuse_cache=reuse,
+                  knowledge=knowledge_base)
     c.respond(questions[0])  # warm-up: the first call of a process pays one-time costs
     c.reset()
     rows = []
     for question in questions:
         c.respond(question)
-        rows.append((c.stats["prompt_tokens"], c.stats["first_token_s"], c.stats["next_prefix_s"]))
+        rows.append((c.stats["prompt_tokens"], c.stats["first_token_s"], c.stats["next_prefix_s"],
+                     c.stats["retrieval_s"]))
     return rows, [text for role, text in c.turns if role == "ChatDoctor"]
 
 
@@ -127,7 +133,7 @@ def style_scores(model, tokenizer, records, max_new_tokens, repetition_penalty):
 
 
 def report(args, description, load_start, bandwidth, weights, decode, forward, plain, floor, compiled, timings, styles,
-           layers):
+           layers, grounded=None):
     """The '## Chat' section's text (without its heading). Every sentence about the hardware is from `description`
     (machine.describe) and the rates measured in this run."""
     bound = bandwidth / weights
@@ -167,7 +173,7 @@ def report(args, description, load_start, bandwidth, weights, decode, forward, p
     reuse, fresh = timings
     for turn in (1, 5, 10):
         if turn <= len(reuse):
-            (n, t_reuse, t_prefix), (_, t_fresh, _) = reuse[turn - 1], fresh[turn - 1]
+            (n, t_reuse, t_prefix, _), (_, t_fresh, _, _) = reuse[turn - 1], fresh[turn - 1]
             lines.append(f"| {turn} | {n} | {t_reuse * 1000:.0f} ms | {t_fresh * 1000:.0f} ms | {t_prefix * 1000:.0f} ms |")
     if load_start > (os.cpu_count() or 1):
         lines[2:2] = ["Other jobs shared the CPU during this run (load average above the core count): absolute speeds",
@@ -176,6 +182,18 @@ def report(args, description, load_start, bandwidth, weights, decode, forward, p
     last = min(10, len(reuse))
     lines += ["", f"Turn {last} / turn 1, first token: {reuse[last - 1][1] / reuse[0][1]:.2f}x with reuse, "
               f"{fresh[last - 1][1] / fresh[0][1]:.2f}x re-encoding."]
+    if grounded:
+        lines += ["", f"The same dialogue with `--knowledge {args.knowledge}` (k={knowledge.DEFAULT_K} entries placed "
+                  "with the newest message, cache reused):", "",
+                  "| turn | prompt tokens | first token | of which retrieval |", "|---|---|---|---|"]
+        for turn in (1, 5, 10):
+            if turn <= len(grounded):
+                n, t_first, _, t_retrieval = grounded[turn - 1]
+                lines.append(f"| {turn} | {n} | {t_first * 1000:.0f} ms | {t_retrieval * 1000:.0f} ms |")
+        retrieval_ms = sorted(row[3] * 1000 for row in grounded)
+        lines += ["", f"Turn {min(10, len(grounded))} / turn 1, first token with knowledge: "
+                  f"{grounded[min(10, len(grounded)) - 1][1] / grounded[0][1]:.2f}x; retrieval per turn "
+                  f"{statistics.median(retrieval_ms):.0f} ms median, {retrieval_ms[-1]:.0f} ms max."]
     if styles:
         lines += ["", f"Prompt style, {args.styles} held-out GenMedGPT records spread over the file, single turn, "
                   f"greedy, up to {args.style_tokens} new tokens; ROUGE-L F1 against the reference answer:", "",
@@ -202,6 +220,7 @@ def main():
     p.add_argument("--styles", type=int, default=0, help="held-out records for the prompt-style comparison (0: skip)")
     p.add_argument("--style_tokens", type=int, default=96)
     p.add_argument("--style_penalties", default="1.1,1.0", help="repetition penalties for the style comparison")
+    p.add_argument("--knowledge", help="also time the dialogue grounded in this knowledge (e.g. format_dataset.csv)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--write", help="markdown file whose '## Chat' section gets the results")
     p.add_argument("--json", help="also write the headline figures here (bench/run.py's goal table reads them)")
@@ -233,13 +252,17 @@ def main():
     fresh, answers_fresh = dialogue_timings(model, tokenizer, questions, False, args.max_new_tokens)
     if answers_reuse != answers_fresh:
         print("warning: answers differ with and without cache reuse", file=sys.stderr)
+    grounded = None
+    if args.knowledge:
+        grounded, _ = dialogue_timings(model, tokenizer, questions, True, args.max_new_tokens,
+                                       knowledge.load_knowledge(args.knowledge))
     styles = {}
     if args.styles:
         picked = [records[i] for i in example_indices(len(records), args.styles)]
         penalties = [float(x) for x in args.style_penalties.split(",")]
         styles = {penalty: style_scores(model, tokenizer, picked, args.style_tokens, penalty) for penalty in penalties}
     text = report(args, description, load_start, bandwidth, weights, decode, forward, plain, floor,
-                  (compile_s, compiled), (reuse, fresh), styles, model.config.num_hidden_layers)
+                  (compile_s, compiled), (reuse, fresh), styles, model.config.num_hidden_layers, grounded)
     print(f"{SECTION}\n\n{text}")
     if args.write:
         replace_markdown_section(args.write, text, SECTION_BEGIN, SECTION_END, heading=SECTION)
@@ -250,6 +273,8 @@ def main():
             "decode_compiled_tokens_s": compiled, "compile_s": compile_s,
             "floor_s": floor, "reachable_tokens_s": eager_ceiling(bound, floor), "ttft_turn": last,
             "ttft_ratio_reuse": reuse[last - 1][1] / reuse[0][1], "ttft_ratio_fresh": fresh[last - 1][1] / fresh[0][1],
+            **({"ttft_ratio_knowledge": grounded[last - 1][1] / grounded[0][1],
+                "retrieval_ms_median": statistics.median(row[3] * 1000 for row in grounded)} if grounded else {}),
         })
 
 

@@ -74,7 +74,8 @@ def fake_results():
 
 
 FAKE_CHAT = {"bound_tokens_s": 50.0, "decode_tokens_s": 20.0, "decode_plain_tokens_s": 15.0, "floor_s": 0.01,
-             "reachable_tokens_s": 33.3, "ttft_turn": 10, "ttft_ratio_reuse": 1.2, "ttft_ratio_fresh": 5.0}
+             "reachable_tokens_s": 33.3, "ttft_turn": 10, "ttft_ratio_reuse": 1.2, "ttft_ratio_fresh": 5.0,
+             "ttft_ratio_knowledge": 1.6, "retrieval_ms_median": 42.0}
 
 
 def fake_run(cpu, pre, tr, chat=FAKE_CHAT):
@@ -96,7 +97,9 @@ def test_report_has_goal_rows_and_keeps_gpu_honest(tmp_path):
     # 1.2x short of the goal, and a loss that differs from the original's is never a pass
     assert row_for("`--packing True` supervised", "Alpaca")[1:] == ("1.20x", False)
     assert row_for("decode tokens/s") == (">= 60%", "40% (20.0 tok/s)", False)
-    assert row_for("time to first token") == ("<= 1.5x", "1.20x", True)
+    assert row_for("time to first token", "KV-cache reuse") == ("<= 1.5x", "1.20x", True)
+    assert row_for("time to first token", "--knowledge") == ("<= 1.5x", "1.60x", False)
+    assert row_for("retrieval per turn") == ("<= 50 ms", "42 ms", True)
     assert any(m == "not measured in this run (see the GPU section)" and met is None for _, m, met in by_what.values())
     args = Namespace(quick=False, train_records=512, batch_size=4)
     text = run.render(args, [fake_run(cpu, pre, tr)], 1.0, 1.0, "now", 1.0)

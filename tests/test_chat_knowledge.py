@@ -73,6 +73,7 @@ def test_kv_cache_serves_the_history_before_the_newest_grounded_message(tiny):
     c.respond("My big toe hurts at night.")
     prefix = c.encode(chat.next_turn_prefix(c.turns, "chatdoctor"))
     assert c.cached_ids == prefix  # the next turn only encodes its message and its entries
+    assert 0 <= c.stats["retrieval_s"] <= c.stats["first_token_s"]  # what bench_chat reports per turn
 
 
 def test_original_pipeline_prompts_and_calls(disease_csv):
