@@ -586,7 +586,8 @@ def decoded_lines(stream, encoding, info):
 
 
 def run_lines(chat, lines):
-    """Piped stdin: each non-empty line is a patient turn of one conversation; each answer on its own line."""
+    """Piped stdin: each non-empty line is a patient turn of one conversation; each answer on its own line.
+    The terminal's commands work here too (/sources prints its table on stdout, /help on stderr)."""
     for line in lines:
         message = line.strip()
         if not message:
@@ -595,6 +596,15 @@ def run_lines(chat, lines):
             break
         if message == "/reset":
             chat.reset()
+            continue
+        if message == "/sources":
+            say(sources_table(chat.last_hits), sys.stdout)
+            continue
+        if message == "/help":
+            say(HELP, sys.stderr)
+            continue
+        if message.startswith("/") and " " not in message:
+            say(f"unknown command {message}; /help lists the commands", sys.stderr)
             continue
         answer_once(chat, message, sys.stdout, sys.stderr)
         print(flush=True)

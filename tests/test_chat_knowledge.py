@@ -102,6 +102,18 @@ def test_one_shot_answer_is_followed_by_its_sources(tiny_model_dir, disease_csv,
     assert "knowledge: 3 entries" in err and "Traceback" not in err
 
 
+def test_piped_sources_command_lists_the_last_retrieval(tiny_model_dir, disease_csv, monkeypatch, capsys):
+    import io
+
+    piped = io.TextIOWrapper(io.BytesIO(b"I keep wheezing and I am short of breath\n/sources\n/bogus\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", piped)
+    assert chat.main(tiny_args(tiny_model_dir, "--knowledge", str(disease_csv), "--knowledge_k", "2")) == 0
+    out, err = capsys.readouterr()
+    assert out.count("Sources: ") == 1  # one answer: the commands are not patient messages
+    assert "1. kb.csv#" in out and "2. kb.csv#" in out and "score" in out
+    assert "unknown command /bogus" in err
+
+
 def test_bad_knowledge_file_is_one_line(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("name,notes\nGout,toe\n")
