@@ -535,6 +535,20 @@ def sources_table(hits):
                      for rank, (entry, score) in enumerate(hits, 1))
 
 
+def run_command(chat, command, out, info):
+    """The slash commands the terminal and piped input share: /sources (its table on `out`), /help, and an
+    unknown command (a notice on `info`). True when `command` was one of them."""
+    if command == "/sources":
+        say(sources_table(chat.last_hits), out)
+    elif command == "/help":
+        say(HELP, info)
+    elif command.startswith("/") and " " not in command:
+        say(f"unknown command {command}; /help lists the commands", info)
+    else:
+        return False
+    return True
+
+
 def run_interactive(chat):
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -552,18 +566,11 @@ def run_interactive(chat):
             continue
         if command in ("/exit", "/quit"):
             return 0
-        if command == "/help":
-            say(HELP, sys.stdout)
-            continue
         if command == "/reset":
             chat.reset()
             say(f"(new conversation)\n{DOCTOR}: {GREETING}", sys.stdout)
             continue
-        if command == "/sources":
-            say(sources_table(chat.last_hits), sys.stdout)
-            continue
-        if command.startswith("/") and " " not in command:
-            say(f"unknown command {command}; /help lists the commands", sys.stdout)
+        if run_command(chat, command, sys.stdout, sys.stdout):
             continue
         print()
         try:
@@ -597,14 +604,7 @@ def run_lines(chat, lines):
         if message == "/reset":
             chat.reset()
             continue
-        if message == "/sources":
-            say(sources_table(chat.last_hits), sys.stdout)
-            continue
-        if message == "/help":
-            say(HELP, sys.stderr)
-            continue
-        if message.startswith("/") and " " not in message:
-            say(f"unknown command {message}; /help lists the commands", sys.stderr)
+        if run_command(chat, message, sys.stdout, sys.stderr):
             continue
         answer_once(chat, message, sys.stdout, sys.stderr)
         print(flush=True)
