@@ -16,7 +16,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval bench clean
+.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -115,6 +115,17 @@ eval: data model
 BENCH_REPEATS ?= 1
 bench: data model
 	$(PY) bench/run.py --repeats $(BENCH_REPEATS)
+
+# MedQA, MedMCQA, PubMedQA and MMLU's medical questions, scored as lm-evaluation-harness does (docs/RESULTS.md).
+# BENCH_LIMIT questions spread over each file (50: 7-11 min per 135M model on the 2 shared cores; 95% intervals
+# about +-0.12); BENCH_LIMIT=0: every question. BENCH_SHOTS: solved examples before each question.
+BENCH_LIMIT ?= 50
+BENCH_SHOTS ?= 0
+BENCH_MODELS ?= base=$(BASE_MODEL) stage1=models/stage1 final=pretrained
+benchmarks: data model
+	$(PY) prepare.py benchmarks
+	$(PY) benchmarks.py --compare $(BENCH_MODELS) --limit $(BENCH_LIMIT) --num_fewshot $(BENCH_SHOTS) \
+		--output_dir runs/benchmarks --results_md docs/RESULTS.md
 
 CHAT_MODEL ?= pretrained
 chat: setup

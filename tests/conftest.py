@@ -68,6 +68,16 @@ def short_records(n):
     return [dict(r, output=" ".join(r["output"].split()[:12])) for r in records]
 
 
+def write_jsonl(path, records):
+    """JSON Lines: a record (dict) as JSON, a str as the line itself (to write broken lines on purpose)."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records),
+                          encoding="utf-8")
+    return Path(path)
+
+
 # file name -> (content, or None for a missing file; what the one-line DataError must say)
 BAD_FILES = {
     "missing.json": (None, "file not found"),
