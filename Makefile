@@ -12,11 +12,19 @@ PAPER_ARGS := --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_sc
 # A CPU-sized run: padding-free packing (docs/BENCHMARKS.md), no intermediate checkpoints (each holds
 # a 1 GB optimizer state). On a CPU without native bf16, train.py swaps --bf16 for fp32 and says so.
 DEMO_ARGS := $(PAPER_ARGS) --packing True --gradient_accumulation_steps 1 --logging_steps 5 --save_strategy no
+# LORA=1: LoRA adapters instead of full fine-tuning in make demo and make recipe (README "LoRA / QLoRA"), with
+# alpaca-lora's rank, alpha, dropout and learning rate; QLORA=1 (implies LORA=1) adds the 4-bit base (CUDA +
+# bitsandbytes). The flags come after PAPER_ARGS: HfArgumentParser keeps the last --learning_rate given.
+LORA ?= 0
+QLORA ?= 0
+LORA_ON := $(filter 1,$(LORA) $(QLORA))
+LORA_FLAGS := --lora_r 8 --lora_alpha 16 --lora_dropout 0.05 --learning_rate 3e-4
+LORA_ARGS := $(if $(LORA_ON),$(LORA_FLAGS) $(if $(filter 1,$(QLORA)),--load_in_4bit True))
 DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval bench benchmarks clean
+.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -35,9 +43,9 @@ model: setup
 
 demo: data model
 	$(PY) train.py --model_name_or_path $(BASE_MODEL) --data_path alpaca_data.json --output_dir models/stage1 \
-		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) --per_device_train_batch_size 4 $(DEMO_ARGS)
+		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) --per_device_train_batch_size 4 $(DEMO_ARGS) $(LORA_ARGS)
 	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
-		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) --per_device_train_batch_size 8 $(DEMO_ARGS)
+		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) --per_device_train_batch_size 8 $(DEMO_ARGS) $(LORA_ARGS)
 	@mkdir -p runs
 	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)" > runs/demo-answer.txt
 	@printf '\nPatient: %s\nChatDoctor: %s\n\n' "$(DEMO_QUESTION)" "$$(cat runs/demo-answer.txt)"
@@ -49,15 +57,18 @@ test: data model
 	$(PY) -m pytest -q tests
 
 # The full two-stage recipe with the paper's settings: make recipe BASE_MODEL=/path/to/llama-7b NGPUS=4
+# QLoRA of LLaMA-7B on one GPU: make recipe BASE_MODEL=/path/to/llama-7b LORA=1 QLORA=1 NGPUS=1
 NGPUS ?= 4
 STAGE1_DATA ?= alpaca_data.json
 STAGE2_DATA ?= HealthCareMagic-100k.json
 EXTRA_ARGS ?=
 PACKING ?= False
+RECIPE_FSDP := --fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer
+# LoRA on one GPU has nothing to shard, and a 4-bit QLoRA base is not sharded here (DDP over NGPUS instead).
+RECIPE_SHARDING := $(if $(LORA_ON),$(if $(filter 1,$(NGPUS) $(QLORA)),,$(RECIPE_FSDP)),$(RECIPE_FSDP))
 RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
 	--gradient_accumulation_steps 8 --logging_steps 1 --save_strategy steps --save_steps 2000 --save_total_limit 1 \
-	--fsdp "full_shard auto_wrap" \
-	--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer $(EXTRA_ARGS)
+	$(RECIPE_SHARDING) $(LORA_ARGS) $(EXTRA_ARGS)
 # Exactly the files named (never regenerated); train.py warns when stage 1 is the 999-record sample.
 # torchrun --standalone: one node, a free port found at run time (no fixed --master_port to collide on).
 recipe: setup
@@ -109,6 +120,20 @@ eval: data model
 	$(PY) eval.py --compare $(LAY_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
 		--num_examples 0 --max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-lay --results_md docs/RESULTS.md \
 		--results_section "Lay-language questions (\`make eval\`)"
+
+# LoRA against full fine-tuning for about the same wall time on this CPU: stage 2 from make cpu-run's stage 1 (LoRA
+# steps 1.35x faster, bench/bench_lora.py, so it takes 32 steps to full fine-tuning's 24), both scored as make eval does.
+EQUAL_FULL_STEPS ?= 24
+EQUAL_LORA_STEPS ?= 32
+EQUAL_N ?= 40
+EQUAL_STAGE2 := --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --overwrite_output_dir True \
+	--per_device_train_batch_size 8 $(DEMO_ARGS)
+lora-vs-full: data model
+	$(PY) train.py $(EQUAL_STAGE2) --output_dir models/equal-time-full --max_steps $(EQUAL_FULL_STEPS)
+	$(PY) train.py $(EQUAL_STAGE2) --output_dir models/equal-time-lora --max_steps $(EQUAL_LORA_STEPS) $(LORA_FLAGS)
+	$(PY) eval.py --compare full=models/equal-time-full lora=models/equal-time-lora --num_examples $(EQUAL_N) \
+		--max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-lora --results_md docs/RESULTS.md \
+		--results_section "LoRA against full fine-tuning (\`make lora-vs-full\`)"
 
 # Every row of docs/BENCHMARKS.md (preprocessing, packing, CPU efficiency, chat); `--quick` for a smoke run.
 # BENCH_REPEATS=3: every benchmark three times, each figure the median with the min-max beside it.

@@ -31,6 +31,11 @@ DEFINING_ARGS = (
     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "seed", "data_seed", "model_max_length",
     "packing", "bf16", "fp16", "train_sampling_strategy",
 )
+# A LoRA run (--lora_r > 0) is also defined by these; a full fine-tuning run's fingerprint is as it always was.
+LORA_ARGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit")
+# What a finished model in output_dir consists of: a newer model that lacks one of these replaces the old one's.
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "config.json", "adapter_config.json")
+ADAPTER_DIR = "adapter"  # a merged LoRA model's adapter, beside it
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -51,7 +56,8 @@ def run_fingerprint(model_path, records, training_args):
     elif (model / "config.json").is_file():
         model_id["config_sha256"] = hashlib.sha256((model / "config.json").read_bytes()).hexdigest()
     data = hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
-    hyper = {name: _jsonable(getattr(training_args, name, None)) for name in DEFINING_ARGS}
+    defining = DEFINING_ARGS + (LORA_ARGS if getattr(training_args, "lora_r", 0) > 0 else ())
+    hyper = {name: _jsonable(getattr(training_args, name, None)) for name in defining}
     body = {"data_sha256": data, "n_records": len(records), "model": model_id, "hyperparameters": hyper}
     body["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return body
@@ -100,7 +106,7 @@ def check_output_dir(output_dir, fingerprint, overwrite):
         raise OutputDirError(f"--output_dir {out}: not writable")
     if overwrite:
         return
-    holds_model = (out / "config.json").is_file()
+    holds_model = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
     holds_checkpoints = bool(checkpoint_folders(out))
     if not (holds_model or holds_checkpoints):
         return
@@ -236,16 +242,22 @@ def publish_folder(staged, final):
 
 def publish_files(staged, final_dir):
     """Move a fully written final model from `staged` into `final_dir`, file by file (each rename is
-    atomic), after removing weight files of an older model that the new one does not have."""
+    atomic; a folder such as adapter/ is swapped whole), after removing the files of an older model that
+    the new one does not have (a full model after a LoRA adapter, or the other way round)."""
     staged, final_dir = Path(staged), Path(final_dir)
     _fsync_tree(staged)
     new = {p.name for p in staged.iterdir()}
-    for pattern in ("*.safetensors", "*.safetensors.index.json", "*.bin"):
+    for pattern in MODEL_FILES:
         for old in final_dir.glob(pattern):
             if old.name not in new and old.is_file():
                 old.unlink()
+    if ADAPTER_DIR not in new:
+        shutil.rmtree(final_dir / ADAPTER_DIR, ignore_errors=True)
     for name in sorted(new - {RUN_FILE}) + ([RUN_FILE] if RUN_FILE in new else []):
-        os.replace(staged / name, final_dir / name)
+        if (staged / name).is_dir():
+            publish_folder(staged / name, final_dir / name)
+        else:
+            os.replace(staged / name, final_dir / name)
     shutil.rmtree(staged, ignore_errors=True)
     _fsync_dir(final_dir)
 

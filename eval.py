@@ -234,6 +234,14 @@ def add_retrieval_recall(rows, metrics, hits, matcher):
     metrics["retrieval_k"] = len(hits[0]) if hits else 0
 
 
+def repeats_a_sentence(text, min_words=3):
+    """Whether an answer says one sentence (of min_words or more) twice: the loop users reported from the original's
+    LoRA-tuned model (its issue 45), which the repetition penalty alone does not always prevent."""
+    sentences = (" ".join(s.lower().split()).strip(" .!?") for s in re.split(r"(?<=[.!?])\s+|\n+", text))
+    sentences = [s for s in sentences if len(s.split()) >= min_words]
+    return len(sentences) != len(set(sentences))
+
+
 def score(records, predictions, matcher, encoder, bertscore_encoder=None):
     """Per-example rows for predictions.jsonl and the summary metrics."""
     references = [r["output"] for r in records]
@@ -254,6 +262,7 @@ def score(records, predictions, matcher, encoder, bertscore_encoder=None):
             "prediction": pred, "reference_disease": disease, "accepted": accepted,
             "predicted_diseases": sorted(matcher.named(pred)),
             "diagnosis_correct": hit, "rouge_l": rouge[i], "semantic_similarity": semantic[i],
+            "repeats_sentence": repeats_a_sentence(pred),
         }
         if bert is not None:
             row["bertscore_f1"] = bert[i]
@@ -266,6 +275,7 @@ def score(records, predictions, matcher, encoder, bertscore_encoder=None):
         "diagnosis_examples": labelled,
         "rouge_l": sum(rouge) / n,
         "semantic_similarity": sum(semantic) / n,
+        "repeated_sentence_rate": sum(r["repeats_sentence"] for r in rows) / n,
     }
     if bert is not None:
         metrics["bertscore_f1"] = sum(bert) / n
@@ -438,8 +448,9 @@ def _metric_names(metrics_by_name):
 def metrics_table(metrics_by_name):
     names = _metric_names(metrics_by_name)
     lines = ["| model | path | prompt | knowledge | examples | " + " | ".join(names)
-             + " | retrieval recall@k | model calls / message | tokens generated | generation wall s (CPU s) |",
-             "|---" * (len(names) + 9) + "|"]
+             + " | retrieval recall@k | model calls / message | tokens generated | answers repeating a sentence "
+             "| generation wall s (CPU s) |",
+             "|---" * (len(names) + 10) + "|"]
     for label, m in metrics_by_name.items():
         acc = f"{_fmt(m['diagnosis_accuracy'])} ({m['diagnosis_correct']}/{m['diagnosis_examples']})"
         cells = [acc] + [_fmt(m.get(k)) for k in names[1:]]
@@ -449,7 +460,7 @@ def metrics_table(metrics_by_name):
         lines.append(f"| {label} | `{m['model_path']}` | {style} | {relative(knowledge) if knowledge else '-'} | "
                      f"{m['num_examples']} | " + " | ".join(cells) + f" | {recall} | "
                      f"{m.get('model_calls_per_message', 1):.1f} | {m.get('generated_tokens', '?')} | "
-                     f"{m['generate_seconds']} ({m.get('generate_cpu_seconds', '?')}) |")
+                     f"{_fmt(m.get('repeated_sentence_rate'))} | {m['generate_seconds']} ({m.get('generate_cpu_seconds', '?')}) |")
     return "\n".join(lines)
 
 

@@ -11,8 +11,11 @@ The paper's command on a GPU node (runs verbatim; legacy flags are mapped, see L
         --logging_steps 1 --fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap 'LLaMADecoderLayer' --tf32 True
 The two stages of the paper are two runs: Alpaca data first, then the medical conversations from the
 stage-1 output (`make recipe`). `--data_path` takes one or more comma-separated files.
+LoRA instead of full fine-tuning: `--lora_r 8` (`make demo LORA=1`); QLoRA on one GPU adds `--load_in_4bit True`
+(`make recipe LORA=1 QLORA=1 NGPUS=1`). README, "LoRA / QLoRA".
 """
 import difflib
+import importlib.util
 import logging
 import math
 import os
@@ -40,6 +43,10 @@ class ArgumentsError(ValueError):
 
 
 MIN_MODEL_MAX_LENGTH = 16  # cheap floor checked with the flags; the exact one needs the tokenizer
+# LoRA's default targets: every projection of attention and MLP (LLaMA: q/k/v/o, gate/up/down), as QLoRA found
+# adapting all of them is needed to match full fine-tuning; only the ones the model has are used.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BITSANDBYTES_VERSION = "0.50.2"  # what README's QLoRA install line names (GPU-only, not in requirements.txt)
 
 
 @dataclass
@@ -67,6 +74,17 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: Optional[float] = field(default=None, metadata={"help": "Legacy: --warmup_steps <fraction>."})
     fsdp_transformer_layer_cls_to_wrap: Optional[str] = field(default=None, metadata={"help": "Legacy: wrap class."})
     group_by_length: bool = field(default=False, metadata={"help": "Legacy: --train_sampling_strategy group_by_length."})
+    # LoRA / QLoRA (peft): train low-rank adapters on a frozen model. r=8, alpha=16, dropout 0.05 are alpaca-lora's.
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning (the paper); 8 = alpaca-lora."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is alpha/r * BA)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: Optional[str] = field(default=None, metadata={
+        "help": "Comma-separated module names to adapt; default: the attention and MLP projections the model has."})
+    merge_lora: bool = field(default=True, metadata={
+        "help": "Save the base with the adapter merged in (a plain model) and the adapter in output_dir/adapter; "
+                "False: only the adapter, in output_dir."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (CUDA)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "The frozen base in 8-bit (CUDA, bitsandbytes)."})
 
     def __post_init__(self):
         map_legacy_flags(self)
@@ -149,6 +167,70 @@ def configure_fsdp(args, model):
     args.fsdp_config["transformer_layer_cls_to_wrap"] = wrap
     if args.fsdp_plugin_args is not None:
         args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(wrap)
+    if args.lora_r:
+        # The Trainer swaps in peft's wrap policy for a PeftModel (each trainable LoRA layer its own unit, beside the
+        # decoder layers); it reads the decoder-layer classes from this variable. peft's FSDP guide: FSDP1 with
+        # use_orig_params=False saves the memory (FSDP2, transformers' default, always uses the original parameters).
+        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(wrap)
+        args.fsdp_config["use_orig_params"] = "false"
+        if args.fsdp_plugin_args is not None and "use_orig_params" in args.fsdp_plugin_args:
+            args.fsdp_plugin_args["use_orig_params"] = False
+
+
+def resolve_lora_targets(requested, model):
+    """The module names LoRA adapts, checked against the model like the FSDP wrap class: the default is every
+    projection in LORA_TARGETS that the model has; a requested name the model lacks is an error."""
+    def short_names(modules):  # peft matches a target name against the last part of a module's name
+        return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in modules if name))
+
+    present = short_names(model.named_modules())
+    if not requested:
+        targets = [name for name in LORA_TARGETS if name in present]
+        if not targets:
+            raise ArgumentsError(f"{type(model).__name__} has none of {', '.join(LORA_TARGETS)}; "
+                                 "name the modules to adapt with --lora_target_modules")
+        return targets
+    targets = requested.replace(",", " ").split()
+    missing = [name for name in targets if name not in present]
+    if missing:
+        linear = short_names((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+        raise ArgumentsError(f"--lora_target_modules {', '.join(missing)}: not a module of {type(model).__name__} "
+                             f"(its linear layers: {', '.join(linear)})")
+    return targets
+
+
+def quantization_kwargs(args):
+    """from_pretrained arguments for QLoRA's frozen base: bitsandbytes NF4 with bf16 compute and double
+    quantization (the QLoRA paper), or 8-bit; each process's copy on its own GPU. {} without --load_in_*."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    config = BitsAndBytesConfig(load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+                                bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                                bnb_4bit_use_double_quant=True)
+    return {"quantization_config": config, "device_map": {"": args.device}}  # this rank's GPU
+
+
+def apply_lora(model, args, base_model_path):
+    """Freeze the model and add trainable low-rank adapters (peft LoRA) to the target projections. A 4/8-bit base
+    is prepared first as peft documents (norms in fp32, inputs that carry gradients through checkpointing)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_lora_targets(args.lora_target_modules, model)
+    if args.load_in_4bit or args.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.activation_checkpointing)
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    transformers.set_seed(args.seed)  # the adapters start random: the same seed must give the same run
+    model = get_peft_model(model, config)
+    # What the saved adapter names as its base: the path as given (peft would record the folder of a .gguf file).
+    model.peft_config["default"].base_model_name_or_path = str(base_model_path)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"LoRA r={args.lora_r} alpha={args.lora_alpha} on {', '.join(targets)}: "
+                f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+    return model
 
 
 def describe_strategy(trainer):
@@ -199,29 +281,49 @@ def claim_output_dir(args, fingerprint):
     return resume
 
 
-def save_final_model(trainer, tokenizer, output_dir):
+def save_final_model(trainer, tokenizer, output_dir, trust_remote_code=False):
     """Full state dict (gathered under FSDP) as safetensors, plus tokenizer and generation config, so
     plain AutoModelForCausalLM.from_pretrained loads it and generate() stops at the trained EOS.
+    A LoRA run saves its adapter (peft format) and, with --merge_lora (the default), the merged model beside it:
+    the adapter in output_dir/adapter, the plain model in output_dir. With --merge_lora False output_dir is the
+    adapter, which chat.py and eval.py load onto its base model.
     Everything is written to output_dir/tmp-final first and moved in once whole."""
     model = trainer.model
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = True
     staging = Path(output_dir) / f"{checkpoints.STAGING_PREFIX}final"
+    merge = trainer.args.lora_r > 0 and trainer.args.merge_lora
+    saved = staging / checkpoints.ADAPTER_DIR if merge else staging
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that failed
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    trainer.save_model(str(saved))  # the full model, or (LoRA) the adapter alone
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
+        for folder in dict.fromkeys((staging, saved)):  # a LoRA adapter folder loads on its own too
+            tokenizer.save_pretrained(folder)  # (it may hold the pad token ensure_pad_token added)
+            utils.write_json_atomic(folder / utils.PROMPT_STYLE_FILE, {"prompt_style": "alpaca"})  # what it trained on
+            # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
+            (folder / "training_args.bin").unlink(missing_ok=True)
+        if trainer.args.lora_r:
+            model.generation_config.save_pretrained(saved)  # peft saves none: the trained EOS would be lost
+        if merge:
+            save_merged_model(saved, staging, trust_remote_code)
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
-        # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
-        (staging / "training_args.bin").unlink(missing_ok=True)
         (staging / "training_args.json").write_text(trainer.args.to_json_string())
-        utils.write_json_atomic(staging / utils.PROMPT_STYLE_FILE, {"prompt_style": "alpaca"})  # what it trained on
         checkpoints.write_fingerprint(staging, trainer.fingerprint)
         checkpoints.publish_files(staging, output_dir)
         draw_loss_plot(trainer.state.log_history, Path(output_dir) / "loss.png")
+
+
+def save_merged_model(adapter_dir, out_dir, trust_remote_code=False):
+    """The base model with the saved adapter merged into its weights, as a plain model. Read afresh in fp32 on the
+    CPU because peft cannot merge under FSDP, and merging into a 4-bit base would round the update away; the
+    same loading chat.py and eval.py do for an adapter folder (utils.load_model)."""
+    merged = utils.load_model(adapter_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir)
+    logger.info(f"LoRA adapter merged into {utils.adapter_base_model(adapter_dir)}")
 
 
 def draw_loss_plot(log_history, png_path):
@@ -290,8 +392,33 @@ def check_args(model_args, data_args, args):
         problems.append("--warmup_steps and --weight_decay must be >= 0")
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         problems.append(f"--eval_strategy {args.eval_strategy.value} needs held-out data: pass --eval_data_path")
+    problems += lora_problems(args)
     if problems:
         raise ArgumentsError("; ".join(problems))
+
+
+def lora_problems(args):
+    """LoRA / QLoRA settings that cannot train. QLoRA needs CUDA and bitsandbytes: checked here, before any data
+    is read, rather than when the model loads."""
+    if args.lora_r < 0:
+        return [f"--lora_r must be >= 0 (0: full fine-tuning), got {args.lora_r}"]
+    problems = []
+    if args.lora_r > 0 and args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if args.lora_r > 0 and not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    flag = "--load_in_4bit" if args.load_in_4bit else "--load_in_8bit" if args.load_in_8bit else None
+    if args.load_in_4bit and args.load_in_8bit:
+        problems.append("--load_in_4bit and --load_in_8bit: choose one")
+    elif flag and args.lora_r <= 0:
+        problems.append(f"{flag} trains LoRA adapters on a frozen quantized model (QLoRA): add --lora_r 8")
+    elif flag and (args.use_cpu or not torch.cuda.is_available()):
+        problems.append(f"{flag} needs a CUDA GPU (bitsandbytes); this run is on the CPU")
+    elif flag and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"{flag} needs bitsandbytes: pip install bitsandbytes=={BITSANDBYTES_VERSION}")
+    elif flag and args.fsdp:
+        problems.append(f"{flag} with --fsdp: QLoRA here runs on one GPU or under DDP; drop --fsdp")
+    return problems
 
 
 def check_prompt_fits(tokenizer, max_length):
@@ -322,11 +449,14 @@ def train(argv=None):
     eval_dataset = tokenize(eval_records, data_args, training_args, tokenizer, "evaluation") if eval_records else None
     # fp32 master weights as in the paper; --bf16 is mixed precision (autocast / FSDP mixed precision)
     model = utils.load_model(
-        model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code
+        model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code,
+        **quantization_kwargs(training_args),
     )
     utils.ensure_pad_token(tokenizer, model)
     if training_args.packing:
         logger.info(f"--packing: attention {utils.use_packed_attention(model)} (one causal attention per example)")
+    if training_args.lora_r:
+        model = apply_lora(model, training_args, model_args.model_name_or_path)
     configure_fsdp(training_args, model)
 
     trainer = AtomicCheckpointTrainer(
@@ -335,7 +465,7 @@ def train(argv=None):
     )
     logger.info(f"strategy: {describe_strategy(trainer)}")
     trainer.train(resume_from_checkpoint=resume)
-    save_final_model(trainer, tokenizer, training_args.output_dir)
+    save_final_model(trainer, tokenizer, training_args.output_dir, model_args.trust_remote_code)
     logger.info(f"saved {training_args.output_dir}")
     return trainer
 

@@ -479,6 +479,36 @@ def _looks_like_hub_id(name):
     return not os.path.isabs(name) and not name.startswith((".", "~")) and name.count("/") == 1
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# A LoRA adapter folder (peft format), as train.py --lora_r saves it: loaded onto its base model.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _has_tokenizer_files(folder):
+    return any((Path(folder).expanduser() / f).is_file() for f in TOKENIZER_FILES)
+
+
+def is_adapter_folder(path):
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_model(path):
+    """The base model of a LoRA adapter folder: base_model_name_or_path in its adapter_config.json, checked."""
+    config = Path(path).expanduser() / ADAPTER_CONFIG
+    base = _local_json(path, ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{config}: no base_model_name_or_path, so the adapter's base model is unknown")
+    if Path(base).expanduser().resolve() == Path(path).expanduser().resolve():
+        raise ModelLoadError(f"{config}: base_model_name_or_path names the adapter folder itself")
+    try:
+        check_model_path(base)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{config}: base model {e} (base_model_name_or_path; a relative path is read from "
+                             "the current directory)") from None
+    return base
+
+
 def check_model_path(path):
     """A local model folder must hold a config and tokenizer files; a hub id ('org/name') is passed on."""
     path = str(path)
@@ -491,10 +521,14 @@ def check_model_path(path):
         raise ModelLoadError(f"{path}: model folder not found")
     if not p.is_dir():
         raise ModelLoadError(f"{path}: not a model folder (expected a directory with config.json)")
+    if (p / ADAPTER_CONFIG).is_file():
+        if not any((p / f).is_file() for f in ADAPTER_WEIGHTS):
+            raise ModelLoadError(f"{path}: no adapter weights ({ADAPTER_WEIGHTS[0]})")
+        adapter_base_model(path)
+        return
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{path}: no config.json, not a Hugging Face model folder")
-    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not any((p / f).is_file() for f in tokenizer_files):
+    if not _has_tokenizer_files(p):
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model)")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise ModelLoadError(f"{path}: no weights (*.safetensors / *.bin)")
@@ -599,6 +633,8 @@ def _check_sentencepiece_installed(path):
 
 
 def load_tokenizer(path, trust_remote_code=False, **kwargs):
+    if is_adapter_folder(path) and not _has_tokenizer_files(path):
+        path = adapter_base_model(path)  # an adapter saved without a tokenizer uses its base model's
     _check_sentencepiece_installed(path)
     kwargs = {**_special_tokens_from_sentencepiece(path), **kwargs}
     return _from_pretrained(_tokenizer_class(path), "tokenizer", path, trust_remote_code=trust_remote_code, **kwargs)
@@ -613,10 +649,51 @@ def _model_class(path):
 
 
 def load_model(path, dtype=None, trust_remote_code=False, **kwargs):
+    if is_adapter_folder(path):
+        return _load_with_adapter(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     return _from_pretrained(
         _model_class(path), "model", path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True,
         **kwargs,
     )
+
+
+def _load_with_adapter(path, **kwargs):
+    """A LoRA adapter folder: its base model with the adapter applied and merged into the weights, so callers get
+    a plain model. On a quantized base (a quantization_config) the adapter stays separate: merging into 4-bit
+    weights would round most of it away."""
+    from peft import PeftModel
+    from transformers import GenerationConfig
+
+    check_model_path(path)
+    folder, base = Path(path).expanduser(), adapter_base_model(path)
+    try:
+        model = load_model(base, **kwargs)
+    except ModelLoadError as e:  # e.g. a relative base path read from another directory, taken for a hub id
+        raise ModelLoadError(f"{folder / ADAPTER_CONFIG}: base model {e}") from None
+    if (folder / "generation_config.json").is_file():  # the EOS training taught, as train.py saves it
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    _resize_embeddings_to_adapter(model, folder)
+    try:
+        model = PeftModel.from_pretrained(model, str(folder))
+    except Exception as e:  # peft raises many kinds (size mismatch, unknown keys, bad config)
+        raise ModelLoadError(f"{path}: cannot apply the LoRA adapter to its base model ({_first_line(e)})") from None
+    return model if "quantization_config" in kwargs else model.merge_and_unload()
+
+
+def _resize_embeddings_to_adapter(model, folder):
+    """peft saves the embedding matrices with the adapter when training grew the vocabulary (train.py adds a pad
+    token to a tokenizer without one); the base must have their size before they load."""
+    from safetensors import safe_open
+
+    weights = Path(folder) / ADAPTER_WEIGHTS[0]
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if not (weights.is_file() and name):
+        return
+    with safe_open(str(weights), "pt") as f:
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(f"{name}.weight")]
+    if rows and rows[0] != embedding.weight.shape[0]:
+        model.resize_token_embeddings(rows[0], mean_resizing=False)
 
 
 def load_model_and_tokenizer(path, dtype=None, trust_remote_code=False):

@@ -85,6 +85,11 @@ def padded_to_packed_flops(config, batches):
     return padded / sum(flops_per_batch(config, b) for b in batches)
 
 
+def current_rss_bytes():
+    """This process's resident memory now (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def worker(name, args, out_path):
     """One configuration in this process: train.train() with a timing callback and a counting collator."""
     import torch
@@ -119,7 +124,15 @@ def worker(name, args, out_path):
 
     step_times = []
 
+    rss_at_start = []
+
     class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, model=None, **kw):
+            with torch.no_grad():  # weights are read lazily from the file: make every page resident first
+                for p in model.parameters():
+                    p.detach().reshape(-1)[::512].sum()
+            rss_at_start.append(current_rss_bytes())  # the model is loaded; no optimizer state, no activations yet
+
         def on_step_begin(self, a, state, control, **kw):
             self.start = time.perf_counter()
 
@@ -165,6 +178,7 @@ def worker(name, args, out_path):
         "model_flops": sum(flops_per_batch(config, b) for b in timed),
         "padded_to_packed_flops": padded_to_packed_flops(config, timed),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_at_train_begin_bytes": rss_at_start[0],
         "bf16": bool(trainer.args.bf16), "threads": torch.get_num_threads(), **config,
     }
     result["supervised_tokens_s"] = result["supervised_tokens"] / seconds
@@ -199,18 +213,23 @@ def run(steps=4, batch_size=4, records=512, max_length=512, configs=None, thread
     return results
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(p, configs, data_help):
+    """The flags of a training benchmark run and of its worker processes (also bench/bench_lora.py's)."""
     p.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     p.add_argument("--batch_size", type=int, default=4, help="per-device batch (the paper: 4)")
     p.add_argument("--records", type=int, default=512, help="first N training records")
     p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--configs", help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--configs", help="comma-separated subset of " + ",".join(configs))
     p.add_argument("--threads", type=int)
     p.add_argument("--model", default=MODEL)
-    p.add_argument("--data_path", help="instead of each configuration's own (GenMedGPT, or Alpaca for *_alpaca)")
+    p.add_argument("--data_path", help=data_help)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p, CONFIGS, "instead of each configuration's own (GenMedGPT, or Alpaca for *_alpaca)")
     args = p.parse_args()
     if args.worker:
         import logging

@@ -6,7 +6,8 @@
 Ratios are measured in one run on one machine. The '## Chat' section is bench/bench_chat.py's own (it
 replaces just that section, with the last run's figures); this script regenerates its own section before it,
 with the chat figures in the goal table. GPU rows come from bench/bench_gpu.py when CUDA is present;
-otherwise they say so. The machine is described from /proc/cpuinfo and measurement (machine.py).
+otherwise they say so. The '## LoRA' section is bench/bench_lora.py's own, like '## Chat'. The machine is
+described from /proc/cpuinfo and measurement (machine.py).
 """
 import argparse
 import io
@@ -387,6 +388,11 @@ def measure(args, skip, steps):
         subprocess.run(cmd, cwd=ROOT, check=False)  # writes the '## Chat' section, which write_doc keeps
         chat = json.loads(chat_json.read_text()) if chat_json.exists() else None
         chat_json.unlink(missing_ok=True)
+    if "lora" not in skip:
+        print("lora ...", flush=True)
+        cmd = [sys.executable, str(ROOT / "bench" / "bench_lora.py"), "--write", str(DOC)]
+        cmd += ["--quick"] if args.quick else []
+        subprocess.run(cmd, cwd=ROOT, check=False)  # writes the '## LoRA' section, which write_doc keeps
     return {"cpu": cpu, "preprocess": pre, "train": tr, "gpu": gpu, "chat": chat}
 
 
@@ -400,7 +406,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every benchmark N times; each figure is then the median, with the min-max beside it")
-    p.add_argument("--skip", default="", help="comma-separated: cpu,preprocess,train,chat,gpu")
+    p.add_argument("--skip", default="", help="comma-separated: cpu,preprocess,train,chat,gpu,lora")
     p.add_argument("--train_steps", type=int)
     p.add_argument("--from_json", action="store_true", help="re-render docs/BENCHMARKS.md from docs/benchmarks.json")
     args = p.parse_args()

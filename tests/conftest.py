@@ -98,6 +98,33 @@ BAD_FILES = {
 }
 
 
+def run_train(args, env=None, torchrun=False, timeout=600):
+    """train.py in a subprocess (or two ranks under torchrun, on a free port); the CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = (launcher if torchrun else [sys.executable]) + [str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# `python -c KILL_DURING_SAVE <train.py args>`: SIGKILLs itself while saving checkpoint-4, after its weights are
+# written and before its optimizer state is.
+KILL_DURING_SAVE = """
+import os, signal, sys
+import checkpoints, train
+save = checkpoints.AtomicCheckpointTrainer._save_optimizer_and_scheduler
+def save_then_die(self, output_dir):
+    if self.state.global_step == 4:  # checkpoint-4's weights are written, its optimizer state is not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, output_dir)
+checkpoints.AtomicCheckpointTrainer._save_optimizer_and_scheduler = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def tiny_args(model_dir, *extra):
     """chat.py arguments for a short greedy answer from `model_dir`."""
     return ["--model_path", str(model_dir), "--greedy", "--max_new_tokens", "8", *extra]

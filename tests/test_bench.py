@@ -189,3 +189,16 @@ def test_generated_sections_are_replaced_in_place_and_the_rest_is_kept(tmp_path)
     doc.write_text("# Benchmarks\n\n## Chat\n\nold chat\n### detail\nold\n\n## Later\n\nkept\n")
     utils.replace_markdown_section(doc, "chat v3", chat_begin, chat_end, heading="## Chat")
     assert doc.read_text() == f"# Benchmarks\n\n## Chat\n\n{chat_begin}\nchat v3\n{chat_end}\n\n## Later\n\nkept\n"
+
+
+def test_lora_goals_compare_peak_and_the_memory_training_adds():
+    import bench_lora
+
+    gib = 2 ** 30
+    full = {"peak_rss_bytes": 3 * gib, "rss_at_train_begin_bytes": 1 * gib, "tokens_s": 100.0}
+    lora = {"peak_rss_bytes": 2 * gib, "rss_at_train_begin_bytes": 1 * gib, "tokens_s": 125.0}
+    rows = {what: (measured, met) for what, _, measured, met in bench_lora.goals({"full": full, "lora": lora})}
+    assert rows["peak RSS, `lora` / `full`"] == ("67% (2.00 / 3.00 GiB)", False)
+    assert rows["memory training adds, `lora` / `full`"] == ("50% (1.00 / 2.00 GiB)", True)
+    assert rows["tokens/s, `lora` / `full`"] == ("1.25x (125.0 / 100.0 tok/s)", False)
+    assert bench_lora.goals({"full": full, "lora": {"error": ["boom"]}}) == []  # a failed run has no verdict

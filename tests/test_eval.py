@@ -122,6 +122,17 @@ def test_score_diagnosis_accuracy(matcher, encoder):
     assert rows[1]["predicted_diseases"] == ["Flu"]
 
 
+def test_answers_that_loop_on_a_sentence_are_counted(matcher, encoder):
+    looping = "You should rest. Drink plenty of water and rest.\nYou should rest! Drink plenty of water and rest."
+    assert ev.repeats_a_sentence(looping)
+    assert not ev.repeats_a_sentence("Take it easy. Rest. Rest. Drink plenty of water.")  # short phrases may recur
+    assert not ev.repeats_a_sentence("It may be the flu. It may be a cold.")
+    records = [{"instruction": "i", "input": str(i), "output": "Rest."} for i in range(4)]
+    rows, metrics = ev.score(records, [looping, "Rest well.", "", "It may be the flu. See a doctor."], matcher, encoder)
+    assert [r["repeats_sentence"] for r in rows] == [True, False, False, False]
+    assert metrics["repeated_sentence_rate"] == pytest.approx(0.25)
+
+
 def test_accepted_diagnoses_of_the_lay_set(matcher, encoder):
     """data/lay_questions.json: everyday words that name no disease of the database, several right answers."""
     from utils import ROOT, load_records

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import checkpoints
 import train
 import utils
-from conftest import BAD_FILES, short_records
+from conftest import BAD_FILES, KILL_DURING_SAVE, error_lines, short_records
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_STEPS = 6, 2  # 16 records in batches of 4: the run crosses an epoch boundary at step 4
@@ -35,10 +35,6 @@ def max_weight_difference(a, b):
     wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
     assert wa.keys() == wb.keys()
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-
-
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +62,6 @@ def out_dir(args):
 
 
 # ----------------------------------------------------------------------------- kills and full disks
-
-KILL_DURING_SAVE = """
-import os, signal, sys
-import checkpoints, train
-save = checkpoints.AtomicCheckpointTrainer._save_optimizer_and_scheduler
-def save_then_die(self, output_dir):
-    if self.state.global_step == 4:  # checkpoint-4's weights are written, its optimizer state is not
-        os.kill(os.getpid(), signal.SIGKILL)
-    return save(self, output_dir)
-checkpoints.AtomicCheckpointTrainer._save_optimizer_and_scheduler = save_then_die
-train.main(sys.argv[1:])
-"""
-
 
 @pytest.mark.slow
 def test_sigkill_during_a_save_then_same_command_resumes_to_the_same_weights(run, reference, caplog):

@@ -1,9 +1,5 @@
 """train.py: legacy flags, CPU adaptation, a real tiny training run, the seed command under torchrun."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +7,7 @@ import torch
 import machine
 import train
 import utils
-from conftest import short_records
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import run_train, short_records
 
 # The seed README's command, verbatim apart from the model, data and output paths.
 SEED_COMMAND = (
@@ -114,13 +108,6 @@ def test_packing_trains_on_the_same_losses_as_padding(tiny_model_dir, small_data
     assert runs["True"] == pytest.approx(runs["False"], rel=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packing-True")
     assert reloaded.config._attn_implementation == "sdpa"
-
-
-def run_train(args, env=None, torchrun=False, timeout=600):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
-    cmd = (launcher if torchrun else [sys.executable]) + [str(ROOT / "train.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.slow
