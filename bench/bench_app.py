@@ -43,7 +43,7 @@ def start_app(app_args, port, log_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, str(ROOT / "app.py"), *app_args, "--port", str(port)], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_listening(process, port, log_path, timeout=600):

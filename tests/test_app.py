@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,6 +95,15 @@ def test_red_flag_notice_comes_before_the_answer():
     assert texts[3].startswith(app.answer_prefix())
     run_answer(session, "Thank you.")
     assert sum("emergency" in t for t in texts) == 1 == sum("emergency" in message_text(m) for m in session.shown)
+
+
+def test_sources_follow_a_grounded_answer():
+    entry = SimpleNamespace(id="format_dataset.csv#181", title="Panic attack", source="format_dataset.csv:182")
+    session = app.Session(ScriptedChat())
+    session.chat.last_hits = [(entry, 4.7)]
+    run_answer(session, "My heart races and I cannot breathe deeply.")
+    assert message_text(session.shown[-1]).endswith("<small>Sources: format_dataset.csv#181 Panic attack</small>")
+    assert app.sources_markdown(session) == "1. format_dataset.csv#181 Panic attack (score 4.700; format_dataset.csv:182)"
 
 
 def test_an_error_is_one_short_line_on_the_page_and_the_dialogue_goes_on():
@@ -218,11 +228,17 @@ def test_clients_at_once_keep_their_own_dialogues(server):
 @pytest.mark.slow
 def test_listens_on_loopback_only(server):
     port = int(server.rsplit(":", 1)[1])
-    outward = [ip for ip in socket.gethostbyname_ex(socket.gethostname())[2] if not ip.startswith("127.")]
-    if not outward:
-        pytest.skip("this machine has no address besides loopback")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # sends nothing: only picks the interface a packet would leave by
+            outward = probe.getsockname()[0]
+        except OSError:
+            outward = "127.0.0.1"
+    if outward.startswith("127."):
+        pytest.skip("this machine has no network address besides loopback")
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
     with pytest.raises(OSError):
-        socket.create_connection((outward[0], port), timeout=2).close()
+        socket.create_connection((outward, port), timeout=2).close()
 
 
 # ----------------------------------------------------------------------------- the browser
@@ -266,6 +282,7 @@ class Page:
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
 
+        self.wait_for(lambda: self.browser.find_elements(By.CSS_SELECTOR, "#message textarea"))
         self.browser.find_element(By.CSS_SELECTOR, "#message textarea").send_keys(message, Keys.ENTER)
         self.wait_for(lambda: message in self.conversation())
 
