@@ -28,7 +28,7 @@ from utils import load_model_and_tokenizer  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-ANSWER_TOKENS = 12
+ANSWER_TOKENS = 8
 RED_FLAG = "I have crushing chest pain and can't breathe"
 needs_chromium = pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
                                     reason=f"no {CHROMIUM} / {CHROMEDRIVER}: apt-get install chromium chromium-driver "
@@ -273,7 +273,7 @@ class Page:
     def conversation(self):
         return self.text("#conversation")
 
-    def wait_for(self, condition, timeout=300):
+    def wait_for(self, condition, timeout=600):
         from selenium.webdriver.support.ui import WebDriverWait
 
         WebDriverWait(self.browser, timeout, poll_frequency=0.2).until(lambda _: condition())
