@@ -363,7 +363,7 @@ def test_two_browsers_at_once_each_get_their_own_answer(server):
 
 # ----------------------------------------------------------------------------- the README's screenshot
 
-def screenshot(path, model_path, question, max_new_tokens=80):
+def screenshot(path, model_path, question, max_new_tokens=64):
     """A real session (greedy) on a fresh server, saved as a PNG at `path`."""
     port, log_path = free_port(), Path(tempfile.mkdtemp()) / "app.log"
     process = start_app(["--model_path", str(model_path), "--greedy", "--max_new_tokens", str(max_new_tokens)],
