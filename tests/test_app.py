@@ -4,7 +4,6 @@ through gradio_client and through headless Chromium driven by selenium (slow).
     python tests/test_app.py --screenshot docs/app-screenshot.png --model_path pretrained   # the README's picture
 """
 import os
-import shutil
 import socket
 import subprocess
 import sys
