@@ -24,7 +24,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
+.PHONY: setup data model demo test browser app chat recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -53,8 +53,16 @@ demo: data model
 	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained --num_examples 8 \
 		--max_new_tokens 64 --output_dir runs/demo-eval --results_md runs/demo-eval/RESULTS.md
 
-test: data model
+test: data model browser
 	$(PY) -m pytest -q tests
+
+# tests/test_app.py drives headless Chromium; on Debian/Ubuntu install it (as root, or through sudo) when missing.
+browser:
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+		if ! command -v apt-get >/dev/null; then echo "note: no apt-get: install chromium and chromedriver, or the browser tests skip"; \
+		else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+			$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
+			|| echo "WARNING: could not install chromium chromium-driver: the browser tests will skip"; fi; }
 
 # The full two-stage recipe with the paper's settings: make recipe BASE_MODEL=/path/to/llama-7b NGPUS=4
 # QLoRA of LLaMA-7B on one GPU: make recipe BASE_MODEL=/path/to/llama-7b LORA=1 QLORA=1 NGPUS=1
@@ -155,6 +163,12 @@ benchmarks: data model
 CHAT_MODEL ?= pretrained
 chat: setup
 	$(PY) chat.py --model_path $(CHAT_MODEL)
+
+# The chat page on http://127.0.0.1:7860 (APP_ARGS="--knowledge format_dataset.csv" for grounded answers).
+APP_MODEL ?= pretrained
+APP_ARGS ?=
+app: setup
+	$(PY) app.py --model_path $(APP_MODEL) $(APP_ARGS)
 
 clean:
 	rm -rf .cache runs

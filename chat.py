@@ -349,18 +349,24 @@ class Chat:
         self.model, self.tokenizer, self.style = model, tokenizer, style
         self.knowledge, self.k = knowledge, k  # a knowledge.KnowledgeBase: each message is grounded in its entries
         self.last_hits = []
-        self.generation = dict(generation or {"do_sample": False})
-        self.max_new_tokens = self.generation.pop("max_new_tokens", 200)
         self.context = context or context_window(model, tokenizer)
         # A static cache has a fixed size (what compiled decoding needs); every step attends over all of it.
         self.static_cache = static_cache
-        self.budget = self.context - self.max_new_tokens
-        if self.count_tokens(build_chat_prompt([(PATIENT, "")], style)) >= self.budget:
-            raise ValueError(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in the "
-                             f"{self.context}-token context window")
+        self.set_generation(generation)
         self.reuse_cache = reuse_cache
         self.turns, self.stats = [], {}
         self.reset()
+
+    def set_generation(self, generation):
+        """The sampling settings and answer length (generation_settings) of the next answers; the history and
+        the cache stay. ValueError when the answer length leaves no room for a prompt."""
+        generation = dict(generation or {"do_sample": False})
+        max_new_tokens = generation.pop("max_new_tokens", 200)
+        budget = self.context - max_new_tokens
+        if self.count_tokens(build_chat_prompt([(PATIENT, "")], self.style)) >= budget:
+            raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
+                             f"{self.context}-token context window")
+        self.generation, self.max_new_tokens, self.budget = generation, max_new_tokens, budget
 
     def reset(self):
         self.turns, self.last_hits = [], []
@@ -473,8 +479,11 @@ class OriginalPipelineChat:
 
         self.model, self.tokenizer = model, tokenizer
         self.chunks = knowledge.original_chunks(csv_path)
-        self.generation = {**generation, "max_new_tokens": generation.get("max_new_tokens", 200)}
+        self.set_generation(generation)
         self.last_hits, self.last_turn, self.stats = [], None, {}
+
+    def set_generation(self, generation):
+        self.generation = {**generation, "max_new_tokens": generation.get("max_new_tokens", 200)}
 
     def reset(self):
         self.last_turn = None
@@ -613,11 +622,13 @@ def run_lines(chat, lines):
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Talk to ChatDoctor in the terminal.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def argument_parser(description="Talk to ChatDoctor in the terminal.", one_shot=True):
+    """The model, prompt, knowledge, generation and hardware options (app.py adds its own to them);
+    `one_shot`: also --prompt, the terminal's one-answer mode."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", default="./pretrained", help="local Hugging Face causal-LM folder")
-    p.add_argument("--prompt", help="answer this one message, print only the answer, and exit")
+    if one_shot:
+        p.add_argument("--prompt", help="answer this one message, print only the answer, and exit")
     p.add_argument("--prompt_style", choices=PROMPT_STYLES, default=None,
                    help="chatdoctor: the original chat prompt; alpaca: the training template. Default: the style "
                         f"recorded by train.py in the model folder, else {DEFAULT_PROMPT_STYLE}")
@@ -644,6 +655,12 @@ def parse_args(argv=None):
     q = h.add_mutually_exclusive_group()
     q.add_argument("--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA)")
     q.add_argument("--load_in_4bit", action="store_true", help="4-bit weights via bitsandbytes (CUDA)")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """The parsed and checked options of `parser` (default: chat.py's own argument_parser())."""
+    p = parser or argument_parser()
     args = p.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
         p.error("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
@@ -705,22 +722,31 @@ def load_knowledge_base(args, info):
     return base
 
 
+def load_engine(args, info):
+    """What every conversation shares, loaded once, progress on `info`: (model, tokenizer, knowledge base or None,
+    the line that names the model and where it runs). Sets args.prompt_style to the style used."""
+    quiet_libraries()
+    say(f"Loading {args.model_path} ...", info)
+    args.prompt_style = prompt_style_for(args.model_path, args.prompt_style)
+    model, tokenizer, device, dtype = load_chat_model(args)
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    knowledge_base = load_knowledge_base(args, info)
+    where = (f"{args.model_path} · {device} {dtype} · prompt {args.prompt_style}"
+             f"{' · compiled decoding' if args.compile else ''}")
+    return model, tokenizer, knowledge_base, where
+
+
 def main(argv=None):
     args = parse_args(argv)
     interactive = args.prompt is None and sys.stdin.isatty()
     info = sys.stdout if interactive else sys.stderr  # one-shot and piped runs keep stdout for answers
     try:
-        quiet_libraries()
-        say(f"Loading {args.model_path} ...", info)
-        args.prompt_style = prompt_style_for(args.model_path, args.prompt_style)
-        model, tokenizer, device, dtype = load_chat_model(args)
-        if args.seed is not None:
-            from transformers import set_seed
-
-            set_seed(args.seed)
-        chat = make_chat(args, model, tokenizer, load_knowledge_base(args, info))
-        say(f"[{args.model_path} · {device} {dtype} · prompt {args.prompt_style}"
-            f"{' · compiled decoding' if args.compile else ''}] {SAFETY_NOTICE}", info)
+        model, tokenizer, knowledge_base, where = load_engine(args, info)
+        chat = make_chat(args, model, tokenizer, knowledge_base)
+        say(f"[{where}] {SAFETY_NOTICE}", info)
         if args.compile:
             say("(the first answer compiles the model: about a minute)", info)
         if args.prompt is not None:
