@@ -16,7 +16,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test chat recipe cpu-run retrieval-data retrieval-tuned eval bench clean
+.PHONY: setup data model demo test chat gguf recipe cpu-run retrieval-data retrieval-tuned eval bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -119,6 +119,11 @@ bench: data model
 CHAT_MODEL ?= pretrained
 chat: setup
 	$(PY) chat.py --model_path $(CHAT_MODEL)
+
+# One GGUF file for llama.cpp and Ollama, with a Modelfile beside it (README: Serving). GGUF_TYPE=q8_0: half the size.
+GGUF_TYPE ?= f16
+gguf: setup
+	$(PY) export_gguf.py $(CHAT_MODEL) --out runs/chatdoctor.gguf --type $(GGUF_TYPE) --overwrite
 
 clean:
 	rm -rf .cache runs
