@@ -12,6 +12,7 @@ so llama.cpp prompts it as chat.py does; the Modelfile says the same prompt in O
 import argparse
 import json
 import os
+import string
 from pathlib import Path
 
 from chat import (CHATDOCTOR_INSTRUCTION, CHATDOCTOR_PROMPT, DOCTOR, GREETING, PATIENT, STOP_STRINGS, TURN,
@@ -75,17 +76,12 @@ def hf_tensors(folder):
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
-def tensor_count(folder):
-    from safetensors import safe_open
-
-    count = 0
-    for path in Path(folder).glob("*.safetensors"):
-        with safe_open(path, framework="pt") as f:
-            count += len(list(f.keys()))
-    return count
+def left_out(name, config):
+    """Tensors llama.cpp does without: rotary frequencies it computes, an output matrix tied to the embeddings."""
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
 
 
 def permute_for_llama_cpp(weights, n_heads):
@@ -114,12 +110,12 @@ def gguf_tensors(folder, config, file_type):
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for name, tensor in hf_tensors(folder):
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue  # recomputed by llama.cpp / the embedding matrix itself
+        if left_out(name, config):
+            continue
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ExportError(f"{folder}: tensor {name} has no llama.cpp name")
-        weights = tensor.float().numpy()
+        weights = tensor[:].float().numpy()
         if name.endswith("self_attn.q_proj.weight"):
             weights = permute_for_llama_cpp(weights, config.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight"):
@@ -185,8 +181,6 @@ def go_string(text):
 
 def go_format(template, **fields):
     """`template.format(**fields)` as a Go template pipeline: print of its literals and the fields given."""
-    import string
-
     parts = []
     for literal, field, _, _ in string.Formatter().parse(template):
         parts += [go_string(literal)] if literal else []
@@ -287,7 +281,8 @@ def export(folder, out, file_type="f16", overwrite=False):
         if file_type == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tokenizer = add_tokenizer(writer, folder, config.vocab_size, template)
-        for name, data, ggml_type in tqdm(gguf_tensors(folder, config, file_type), total=tensor_count(folder),
+        count = sum(not left_out(name, config) for name, _ in hf_tensors(folder))
+        for name, data, ggml_type in tqdm(gguf_tensors(folder, config, file_type), total=count,
                                           desc=f"{folder.name} -> {out.name} ({file_type})", unit="tensor"):
             writer.add_tensor(name, data, raw_dtype=ggml_type)
         writer.write_header_to_file()

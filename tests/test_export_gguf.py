@@ -46,11 +46,16 @@ def export(model_dir, out, file_type="f16", **kwargs):
     return export_gguf.export(model_dir, out, file_type, **kwargs)["out"]
 
 
-def load_gguf(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gguf_model(path):
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+
+
+def gguf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def logits_of(model, ids):
@@ -64,7 +69,7 @@ def relative_logit_error(model_dir, gguf_path):
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = AutoTokenizer.from_pretrained(model_dir)(SAMPLES[0] + SAMPLES[1], return_tensors="pt").input_ids
     expected = logits_of(hf_model, ids)
-    got = logits_of(load_gguf(gguf_path)[0], ids)
+    got = logits_of(gguf_model(gguf_path), ids)
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
@@ -84,11 +89,11 @@ def test_gguf_round_trip_logits_tokens_and_template(sharp_tiny_dir, tmp_path, fi
     path = export(sharp_tiny_dir, tmp_path / "chatdoctor.gguf", file_type)
     assert relative_logit_error(sharp_tiny_dir, path) < TOLERANCE[file_type]
     hf_tokenizer = AutoTokenizer.from_pretrained(sharp_tiny_dir)
-    gguf_tokenizer = load_gguf(path)[1]
+    from_gguf = gguf_tokenizer(path)
     for text in SAMPLES:
-        assert gguf_tokenizer(text).input_ids == hf_tokenizer(text).input_ids
-    assert gguf_tokenizer.chat_template == hf_tokenizer.chat_template == chat.chat_template_for("chatdoctor")
-    assert gguf_tokenizer.eos_token == hf_tokenizer.eos_token
+        assert from_gguf(text).input_ids == hf_tokenizer(text).input_ids
+    assert from_gguf.chat_template == hf_tokenizer.chat_template == chat.chat_template_for("chatdoctor")
+    assert from_gguf.eos_token == hf_tokenizer.eos_token
 
     fields, tensors = gguf_fields(path)
     assert fields["general.architecture"] == "llama" and fields["general.name"] == "ChatDoctor"
@@ -110,7 +115,7 @@ def test_wrong_q_k_row_order_would_be_caught(sharp_tiny_dir, tmp_path, monkeypat
 def test_trained_folder_exports_the_alpaca_template_and_a_modelfile(trained_tiny_dir, tmp_path, capsys):
     export_gguf.main([str(trained_tiny_dir), "--out", str(tmp_path / "chatdoctor.gguf"), "--type", "q8_0"])
     assert "alpaca prompt" in capsys.readouterr().out
-    tokenizer = load_gguf(tmp_path / "chatdoctor.gguf")[1]
+    tokenizer = gguf_tokenizer(tmp_path / "chatdoctor.gguf")
     assert tokenizer.chat_template == chat.chat_template_for("alpaca")
     messages = chat.messages_of([("Patient", "I have a cough.")])
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
