@@ -63,14 +63,20 @@ def logits_of(model, ids):
         return model(input_ids=ids).logits
 
 
-def relative_logit_error(model_dir, gguf_path):
+def compare_logits(model_dir, gguf_path):
+    """(largest |logit difference| / largest |logit|, share of positions with the same most likely token)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = AutoTokenizer.from_pretrained(model_dir)(SAMPLES[0] + SAMPLES[1], return_tensors="pt").input_ids
     expected = logits_of(hf_model, ids)
     got = logits_of(gguf_model(gguf_path), ids)
-    return ((got - expected).abs().max() / expected.abs().max()).item()
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    return ((got - expected).abs().max() / expected.abs().max()).item(), agreement
+
+
+def relative_logit_error(model_dir, gguf_path):
+    return compare_logits(model_dir, gguf_path)[0]
 
 
 def gguf_fields(path):
@@ -226,8 +232,15 @@ def test_ollama_template_renders_chat_pys_prompt(go_renderer, style):
 
 # ----------------------------------------------------------------------------- the real model
 
+# The trained 135M model (`make demo`'s pretrained) measured 0.0012 (f16) and 0.061 (q8_0: the tied embedding and
+# output matrix are 8-bit too), with the same most likely token at 100% and 98% of positions.
+REAL_TOLERANCE = {"f16": 5e-3, "q8_0": 0.1}
+
+
 @pytest.mark.slow
-def test_embedded_model_round_trip(embedded_model_dir, tmp_path):
-    """The 135M SmolLM2 (30 layers, 3 of 9 heads for k/v): real attention, real text."""
-    path = export(embedded_model_dir, tmp_path / "smollm2.gguf", "q8_0")
-    assert relative_logit_error(embedded_model_dir, path) < TOLERANCE["q8_0"]
+@pytest.mark.parametrize("file_type", ["f16", "q8_0"])
+def test_embedded_model_round_trip(embedded_model_dir, tmp_path, file_type):
+    """The 135M SmolLM2 (30 layers, 3 k/v heads for 9 query heads): real attention, real text."""
+    path = export(embedded_model_dir, tmp_path / "smollm2.gguf", file_type)
+    error, agreement = compare_logits(embedded_model_dir, path)
+    assert error < REAL_TOLERANCE[file_type] and agreement >= 0.95
