@@ -70,7 +70,7 @@ def check_outputs(paths, overwrite):
 # ----------------------------------------------------------------------------- tensors
 
 def hf_tensors(folder):
-    """(name, torch tensor) for every tensor of the folder's safetensors files, one at a time (memory-mapped)."""
+    """(name, slice) for every tensor of the folder's safetensors files: slice[:] reads that one tensor."""
     from safetensors import safe_open
 
     for path in sorted(Path(folder).glob("*.safetensors")):
@@ -244,7 +244,7 @@ def modelfile_text(gguf_name, style, eos_token, source):
 # ----------------------------------------------------------------------------- export
 
 def export(folder, out, file_type="f16", overwrite=False):
-    """Write `out` (GGUF) and a Modelfile beside it; both appear whole or not at all. Returns a summary dict."""
+    """Write `out` (GGUF), then a Modelfile beside it; each appears whole or not at all. Returns a summary dict."""
     import gguf
     from tqdm import tqdm
 
@@ -271,15 +271,13 @@ def export(folder, out, file_type="f16", overwrite=False):
         writer.add_head_count_kv(config.num_key_value_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         writer.add_rope_dimension_count(head_dim)
-        if head_dim != config.hidden_size // config.num_attention_heads:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
         writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if file_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-        if file_type == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tokenizer = add_tokenizer(writer, folder, config.vocab_size, template)
         count = sum(not left_out(name, config) for name, _ in hf_tensors(folder))
         for name, data, ggml_type in tqdm(gguf_tensors(folder, config, file_type), total=count,
