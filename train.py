@@ -31,11 +31,15 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+import chat
 import checkpoints
 import machine
 import utils
 from checkpoints import AtomicCheckpointTrainer, OutputDirError
 from utils import DataError, ModelLoadError, logger
+
+
+TRAINED_PROMPT_STYLE = "alpaca"  # build_prompt's template: recorded in the saved model for chat.py and eval.py
 
 
 class ArgumentsError(ValueError):
@@ -300,9 +304,12 @@ def save_final_model(trainer, tokenizer, output_dir, trust_remote_code=False):
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(saved))  # the full model, or (LoRA) the adapter alone
     if trainer.is_world_process_zero():
+        # Serving engines (vLLM, TGI, llama.cpp) prompt with the tokenizer's chat template: make it the prompt
+        # the model trained on, not the base model's.
+        tokenizer.chat_template = chat.chat_template_for(TRAINED_PROMPT_STYLE)
         for folder in dict.fromkeys((staging, saved)):  # a LoRA adapter folder loads on its own too
             tokenizer.save_pretrained(folder)  # (it may hold the pad token ensure_pad_token added)
-            utils.write_json_atomic(folder / utils.PROMPT_STYLE_FILE, {"prompt_style": "alpaca"})  # what it trained on
+            utils.write_json_atomic(folder / utils.PROMPT_STYLE_FILE, {"prompt_style": TRAINED_PROMPT_STYLE})
             # The final folder holds no pickles: the arguments go in as JSON instead of training_args.bin.
             (folder / "training_args.bin").unlink(missing_ok=True)
         if trainer.args.lora_r:

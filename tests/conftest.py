@@ -60,6 +60,23 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory, tiny_model_dir):
+    """What train.py publishes, from two steps on the tiny LLaMA: a folder as `make demo` leaves `pretrained`."""
+    import json
+
+    import train
+
+    work = tmp_path_factory.mktemp("trained-tiny")
+    (work / "data.json").write_text(json.dumps(short_records(16)))
+    train.train([
+        "--model_name_or_path", str(tiny_model_dir), "--data_path", str(work / "data.json"),
+        "--output_dir", str(work / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(work / "cache"), "--seed", "1",
+    ])
+    return work / "out"
+
+
 def short_records(n):
     """Real GenMedGPT questions with short answers: fast to train on, still the real format."""
     import utils
