@@ -116,18 +116,23 @@ ROLE_ERROR = ("ChatDoctor's chat template takes user (patient) and assistant (Ch
               "one leading system message (it replaces the instruction); got role ")
 
 
-def jinja_string(text):
-    """A Jinja string literal of `text`: JSON's escapes are Jinja's too."""
+def string_literal(text):
+    """A string literal of `text` in Jinja and in Go templates: JSON's escapes are theirs too."""
     return json.dumps(text)
 
 
-def jinja_format(template, **fields):
-    """`template.format(**fields)` as a Jinja expression: its text as literals, each {field} the expression given."""
+def format_expression(template, fields, join=lambda parts: "(" + " + ".join(parts) + ")"):
+    """`template.format(**fields)` as an expression of a template language: its text as string literals, each
+    {field} the expression given, the parts joined by `join` (default: Jinja's +)."""
     parts = []
     for literal, field, _, _ in string.Formatter().parse(template):
-        parts += [jinja_string(literal)] if literal else []
+        parts += [string_literal(literal)] if literal else []
         parts += [fields[field]] if field is not None else []
-    return "(" + " + ".join(parts) + ")"
+    return join(parts)
+
+
+def jinja_format(template, **fields):
+    return format_expression(template, fields)
 
 
 def split_response_header(template):
@@ -144,24 +149,24 @@ def chat_template_for(style):
     lines = [
         "{%- set speakers = " + json.dumps(SPEAKERS) + " -%}",
         "{%- set has_system = messages|length > 0 and messages[0]['role'] == 'system' -%}",
-        "{%- set instruction = messages[0]['content'] if has_system else " + jinja_string(CHATDOCTOR_INSTRUCTION)
+        "{%- set instruction = messages[0]['content'] if has_system else " + string_literal(CHATDOCTOR_INSTRUCTION)
         + " -%}",
         "{%- set dialogue = messages[1:] if has_system else messages -%}",
         "{%- for message in dialogue -%}",
-        "{%- if message['role'] not in speakers -%}{{- raise_exception(" + jinja_string(ROLE_ERROR)
+        "{%- if message['role'] not in speakers -%}{{- raise_exception(" + string_literal(ROLE_ERROR)
         + " + message['role']) -}}{%- endif -%}",
         "{%- endfor -%}",
         "{%- set answered = dialogue|length > 0 and dialogue[-1]['role'] == 'assistant' -%}",
     ]
-    separator = jinja_string(TURN_SEPARATOR)
+    separator = string_literal(TURN_SEPARATOR)
     if style == "chatdoctor":
         lines += [
-            "{%- set ns = namespace(history=" + turn(jinja_string(DOCTOR), jinja_string(GREETING)) + ") -%}",
+            "{%- set ns = namespace(history=" + turn(string_literal(DOCTOR), string_literal(GREETING)) + ") -%}",
             "{%- for message in dialogue -%}",
             "{%- set ns.history = ns.history + " + separator + " + " + turn(*said) + " -%}",
             "{%- endfor -%}",
             "{%- if add_generation_prompt and not answered -%}",
-            "{%- set ns.history = ns.history + " + separator + " + " + turn(jinja_string(DOCTOR), '""') + " -%}",
+            "{%- set ns.history = ns.history + " + separator + " + " + turn(string_literal(DOCTOR), '""') + " -%}",
             "{%- endif -%}",
             "{{- " + jinja_format(CHATDOCTOR_PROMPT, instruction="instruction", history="ns.history") + " -}}",
         ]
@@ -176,8 +181,8 @@ def chat_template_for(style):
         + " -%}",
         "{%- endfor -%}",
         "{%- set patient_input = asked[0]['content'] if asked|length == 1 else ns.transcript -%}",
-        '{%- set header = ' + jinja_string(no_input_header) + ' if patient_input == "" else '
-        + jinja_string(input_header) + " -%}",
+        '{%- set header = ' + string_literal(no_input_header) + ' if patient_input == "" else '
+        + string_literal(input_header) + " -%}",
         '{{- ' + jinja_format(without_input, instruction="instruction") + ' if patient_input == "" else '
         + jinja_format(with_input, instruction="instruction", input="patient_input") + " -}}",
         "{%- if answered -%}",

@@ -42,7 +42,7 @@ import chat
 import machine
 from knowledge import decode_escapes
 from utils import (PROMPT_STYLES, DataError, ModelLoadError, ensure_pad_token, fail, grounded_message, load_data,
-                   load_model_and_tokenizer, replace_markdown_section, write_atomic)
+                   load_model_and_tokenizer, relative, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
@@ -429,12 +429,6 @@ def score_and_save(predictions, records, output_dir, matcher, encoder, run, bert
 
 
 # ----------------------------------------------------------------------------- reports and plots
-
-def relative(path):
-    """Paths under the repository as a reader's checkout names them."""
-    text = str(path)
-    return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + os.sep) else text
-
 
 def _fmt(value):
     return "n/a" if value is None else f"{value:.3f}"

@@ -12,11 +12,11 @@ so llama.cpp prompts it as chat.py does; the Modelfile says the same prompt in O
 import argparse
 import json
 import os
-import string
 from pathlib import Path
 
 from chat import (CHATDOCTOR_INSTRUCTION, CHATDOCTOR_PROMPT, DOCTOR, GREETING, PATIENT, STOP_STRINGS, TURN,
-                  TURN_SEPARATOR, chat_template_for, prompt_style_for, split_response_header)
+                  TURN_SEPARATOR, chat_template_for, format_expression, prompt_style_for, split_response_header,
+                  string_literal)
 from utils import PROMPT_DICT, SAFETY_NOTICE, ModelLoadError, check_model_path, fail, load_tokenizer, write_atomic
 
 ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: a 2023 LLaMA folder's spelling
@@ -174,18 +174,9 @@ def add_tokenizer(writer, folder, vocab_size, chat_template):
 
 # ----------------------------------------------------------------------------- Ollama
 
-def go_string(text):
-    """A Go string literal (JSON's escapes are Go's too)."""
-    return json.dumps(text)
-
-
 def go_format(template, **fields):
     """`template.format(**fields)` as a Go template pipeline: print of its literals and the fields given."""
-    parts = []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        parts += [go_string(literal)] if literal else []
-        parts += [fields[field]] if field is not None else []
-    return "(print " + " ".join(parts) + ")"
+    return format_expression(template, fields, lambda parts: "(print " + " ".join(parts) + ")")
 
 
 def ollama_template(style):
@@ -193,16 +184,16 @@ def ollama_template(style):
     instruction, user is the patient, assistant ChatDoctor (as chat_template_for)."""
     turn = lambda speaker: go_format(TURN, role=speaker, text=".Content")  # noqa: E731
     lines = [
-        "{{- $instruction := " + go_string(CHATDOCTOR_INSTRUCTION) + " }}",
-        "{{- $history := " + go_format(TURN, role=go_string(DOCTOR), text=go_string(GREETING)) + " }}",
+        "{{- $instruction := " + string_literal(CHATDOCTOR_INSTRUCTION) + " }}",
+        "{{- $history := " + go_format(TURN, role=string_literal(DOCTOR), text=string_literal(GREETING)) + " }}",
         '{{- $transcript := "" }}{{- $first := "" }}{{- $turns := 0 }}{{- $last := "" }}',
         "{{- range .Messages }}",
         '{{- if eq .Role "system" }}{{- $instruction = .Content }}',
         "{{- else }}",
-        "{{- $speaker := " + go_string(DOCTOR) + ' }}{{- if eq .Role "user" }}{{- $speaker = '
-        + go_string(PATIENT) + " }}{{- end }}",
-        "{{- $history = print $history " + go_string(TURN_SEPARATOR) + " " + turn("$speaker") + " }}",
-        "{{- if $turns }}{{- $transcript = print $transcript " + go_string(TURN_SEPARATOR) + " " + turn("$speaker")
+        "{{- $speaker := " + string_literal(DOCTOR) + ' }}{{- if eq .Role "user" }}{{- $speaker = '
+        + string_literal(PATIENT) + " }}{{- end }}",
+        "{{- $history = print $history " + string_literal(TURN_SEPARATOR) + " " + turn("$speaker") + " }}",
+        "{{- if $turns }}{{- $transcript = print $transcript " + string_literal(TURN_SEPARATOR) + " " + turn("$speaker")
         + " }}{{- $turns = 2 }}",
         "{{- else }}{{- $transcript = " + turn("$speaker") + " }}{{- $first = .Content }}{{- $turns = 1 }}{{- end }}",
         "{{- $last = .Role }}",
@@ -211,8 +202,8 @@ def ollama_template(style):
     ]
     if style == "chatdoctor":
         lines += [
-            '{{- if ne $last "assistant" }}{{- $history = print $history ' + go_string(TURN_SEPARATOR) + " "
-            + go_format(TURN, role=go_string(DOCTOR), text='""') + " }}{{- end }}",
+            '{{- if ne $last "assistant" }}{{- $history = print $history ' + string_literal(TURN_SEPARATOR) + " "
+            + go_format(TURN, role=string_literal(DOCTOR), text='""') + " }}{{- end }}",
             "{{- " + go_format(CHATDOCTOR_PROMPT, instruction="$instruction", history="$history") + " }}",
         ]
         return "\n".join(lines)
@@ -221,9 +212,9 @@ def ollama_template(style):
     lines += [
         "{{- $input := $transcript }}{{- if eq $turns 1 }}{{- $input = $first }}{{- end }}",
         '{{- if eq $input "" }}{{- ' + go_format(without_input, instruction="$instruction") + " }}{{- "
-        + go_string(no_input_header) + " }}",
+        + string_literal(no_input_header) + " }}",
         "{{- else }}{{- " + go_format(with_input, instruction="$instruction", input="$input") + " }}{{- "
-        + go_string(input_header) + " }}{{- end }}",
+        + string_literal(input_header) + " }}{{- end }}",
     ]
     return "\n".join(lines)
 

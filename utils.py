@@ -81,6 +81,12 @@ def fail(message, code=2):
 
 # ----------------------------------------------------------------------------- data readers
 
+def relative(path):
+    """A path under the repository as the reader's checkout names it; any other path as it is."""
+    text = str(path)
+    return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + os.sep) else text
+
+
 def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

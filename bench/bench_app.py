@@ -143,6 +143,7 @@ def percentile(values, q):
 
 def report(args, description, load_start, solo, loaded, errors, wall):
     import machine
+    from utils import relative
 
     command = " ".join(["python bench/bench_app.py"] + sys.argv[1:])
     requests = args.clients * args.turns
@@ -166,11 +167,6 @@ def report(args, description, load_start, solo, loaded, errors, wall):
         lines += ["", "Other jobs shared the CPU during this run (load average above the core count): the times are "
                   "slower and noisier than an idle machine's."]
     return "\n".join(lines) + "\n"
-
-
-def relative(path):
-    text = str(path)
-    return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + os.sep) else text
 
 
 def main():

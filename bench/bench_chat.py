@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import chat  # noqa: E402
 import knowledge  # noqa: E402
 import machine  # noqa: E402
-from utils import load_data, load_model_and_tokenizer, replace_markdown_section, write_json_atomic  # noqa: E402
+from utils import load_data, load_model_and_tokenizer, relative, replace_markdown_section, write_json_atomic  # noqa: E402
 
 SECTION = "## Chat"
 SECTION_BEGIN = "<!-- bench/bench_chat.py: begin (generated; edits inside are overwritten) -->"

@@ -131,8 +131,9 @@ def render(args, results, description, load_start, load_end, started, minutes):
              f"{started}, {minutes:.1f} minutes.  ",
              f"Machine: {machine.summary(description)}.  ",
              f"Load: 1-minute load average {load_start:.1f} at start, {load_end:.1f} at the end "
-             f"({description['cores']} cores); above the core count, other processes shared the CPU and absolute "
-             "figures are low.", "",
+             f"({description['cores']} cores)" + ("; above the core count, other processes shared the CPU and "
+                                                   "absolute figures are low." if max(load_start, load_end) >
+                                                   description["cores"] else "."), "",
              f"`train.py --packing True` on "
              + (f"a randomly initialised LLaMA (hidden, MLP, layers: {args.random_model}; the embedded default's "
                 "tokenizer" if args.random_model else "the embedded default (SmolLM2-135M")
