@@ -97,7 +97,7 @@ class Sessions:
 # ----------------------------------------------------------------------------- the page's messages
 
 def greeting():
-    return {"role": "assistant", "content": f"**{chat.DOCTOR}:** {chat.GREETING}"}
+    return {"role": "assistant", "content": answer_prefix() + chat.GREETING}
 
 
 def patient_message(text):

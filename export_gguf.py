@@ -37,9 +37,7 @@ def read_config(folder):
     """The folder's config, once it is known to be a Llama this script can write (one-line errors otherwise)."""
     from transformers import AutoConfig
 
-    if not Path(folder).is_dir():
-        raise ExportError(f"{folder}: model folder not found")
-    check_model_path(folder)
+    check_model_path(folder, local=True)
     path = Path(folder) / "config.json"
     try:
         architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures") or []

@@ -257,9 +257,7 @@ def write_chat_template(model_dir, style=None):
     chat_template.jinja takes precedence over a template in tokenizer_config.json."""
     from transformers.utils import CHAT_TEMPLATE_FILE
 
-    if not Path(model_dir).is_dir():
-        raise ModelLoadError(f"{model_dir}: model folder not found")
-    check_model_path(model_dir)
+    check_model_path(model_dir, local=True)
     style = prompt_style_for(model_dir, style)
     write_atomic(Path(model_dir) / CHAT_TEMPLATE_FILE, chat_template_for(style))
     return style

@@ -515,14 +515,15 @@ def adapter_base_model(path):
     return base
 
 
-def check_model_path(path):
-    """A local model folder must hold a config and tokenizer files; a hub id ('org/name') is passed on."""
+def check_model_path(path, local=False):
+    """A local model folder must hold a config and tokenizer files; a hub id ('org/name') and a .gguf file are
+    passed on, unless `local`: then only a model folder on this machine will do."""
     path = str(path)
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
+    if not local and p.is_file() and p.suffix == ".gguf":
         return
     if not p.exists():
-        if _looks_like_hub_id(path):
+        if not local and _looks_like_hub_id(path):
             return
         raise ModelLoadError(f"{path}: model folder not found")
     if not p.is_dir():

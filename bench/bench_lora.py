@@ -51,22 +51,9 @@ GOAL_MEMORY, GOAL_SPEED = 0.5, 1.3  # LoRA / full: peak RSS at most, tokens/s at
 
 
 def worker(name, args, out_path):
-    """bench_train's worker on this file's configurations, plus the count of parameters that train."""
-    import train
-
+    """bench_train's worker (which also counts the parameters that train) on this file's configurations."""
     bench_train.CONFIGS = CONFIGS
-    trainers = []
-    run_train = train.train
-
-    def keep_trainer(argv):
-        trainers.append(run_train(argv))
-        return trainers[-1]
-
-    train.train = keep_trainer
     bench_train.worker(name, args, out_path)
-    result = json.loads(Path(out_path).read_text())
-    result["trainable_params"] = sum(p.numel() for p in trainers[0].model.parameters() if p.requires_grad)
-    Path(out_path).write_text(json.dumps(result))
 
 
 def run(args, log=print):
@@ -134,7 +121,7 @@ def render(args, results, description, load_start, load_end, started, minutes):
              f"({description['cores']} cores)" + ("; above the core count, other processes shared the CPU and "
                                                    "absolute figures are low." if max(load_start, load_end) >
                                                    description["cores"] else "."), "",
-             f"`train.py --packing True` on "
+             "`train.py --packing True` on "
              + (f"a randomly initialised LLaMA (hidden, MLP, layers: {args.random_model}; the embedded default's "
                 "tokenizer" if args.random_model else "the embedded default (SmolLM2-135M")
              + (f", {any_r['n_params'] / 1e6:.0f}M parameters" if any_r else "") + f"), fp32, first {args.records} "

@@ -180,6 +180,7 @@ def worker(name, args, out_path):
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_at_train_begin_bytes": rss_at_start[0],
         "bf16": bool(trainer.args.bf16), "threads": torch.get_num_threads(), **config,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     result["supervised_tokens_s"] = result["supervised_tokens"] / seconds
     result["tokens_s"] = result["real_tokens"] / seconds
