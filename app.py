@@ -9,7 +9,6 @@ KV cache, stopping and red-flag notices; nothing of them is copied here).
 Each browser tab (or gradio_client.Client) is one conversation with its own history and KV cache. The model
 answers one message at a time: the others wait in gradio's queue, so a CPU is never shared mid-answer.
 """
-import argparse
 import logging
 import os
 import queue
@@ -17,13 +16,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 
 # Before gradio is imported: this machine may be offline, and nothing about its use leaves it.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import chat  # noqa: E402
-from utils import SAFETY_NOTICE, DataError, ModelLoadError, _first_line, fail  # noqa: E402
+from prompts import DOCTOR, GREETING, SAFETY_NOTICE, sources_line  # noqa: E402
+from utils import DataError, ModelLoadError, fail, first_line  # noqa: E402
 
 log = logging.getLogger("chatdoctor.app")
 
@@ -97,7 +98,7 @@ class Sessions:
 # ----------------------------------------------------------------------------- the page's messages
 
 def greeting():
-    return {"role": "assistant", "content": answer_prefix() + chat.GREETING}
+    return {"role": "assistant", "content": answer_prefix() + GREETING}
 
 
 def patient_message(text):
@@ -113,7 +114,7 @@ def emergency_message(notice):
 
 
 def answer_prefix():
-    return f"**{chat.DOCTOR}:** "
+    return f"**{DOCTOR}:** "
 
 
 def snapshot(messages):
@@ -122,12 +123,12 @@ def snapshot(messages):
 
 # ----------------------------------------------------------------------------- answering
 
-def settings_for(args, greedy, temperature, top_k, top_p, max_new_tokens):
-    """chat.generation_settings for the page's controls, the command line's other options kept."""
-    page = argparse.Namespace(**{**vars(args), "greedy": bool(greedy) or float(temperature) == 0,
-                                 "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
-                                 "max_new_tokens": int(max_new_tokens)})
-    return chat.generation_settings(page)
+def settings_for(generation, greedy, temperature, top_k, top_p, max_new_tokens):
+    """generate()'s settings for the page's controls, the command line's other settings (GenerationSettings) kept.
+    ValueError when a control is out of range."""
+    page = replace(generation, greedy=bool(greedy), temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p), max_new_tokens=int(max_new_tokens))
+    return page.check().generate_kwargs()
 
 
 def answer(session, message, generation, model_lock, publish, cancelled):
@@ -163,15 +164,13 @@ def answer(session, message, generation, model_lock, publish, cancelled):
             text = session.chat.respond(message, on_text=on_text, on_notice=on_notice)
             reply["content"] = answer_prefix() + (text or "_(no answer: ask again, or try sampling)_")
             if session.chat.last_hits:
-                import knowledge
-
-                reply["content"] += f"\n\n<small>{knowledge.sources_line(session.chat.last_hits)}</small>"
+                reply["content"] += f"\n\n<small>{sources_line(session.chat.last_hits)}</small>"
         except Cancelled:
             session.shown = before  # as chat.py forgets an answer stopped with Ctrl-C
             return
         except Exception as e:  # the page gets one line; the log gets the traceback
             log.exception("answering failed")
-            reply["content"] = (f"⚠️ Sorry, that answer failed ({type(e).__name__}: {_first_line(e)[:200]}). "
+            reply["content"] = (f"⚠️ Sorry, that answer failed ({type(e).__name__}: {first_line(e)[:200]}). "
                                 "The conversation goes on from your previous message.")
         publish(snapshot(shown))
 
@@ -208,7 +207,7 @@ def sources_markdown(session):
     return chat.sources_table(session.chat.last_hits).replace("\n", "  \n")
 
 
-def build_page(args, sessions, where, knowledge_on, max_tokens_limit):
+def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
     import gradio as gr
 
     model_lock = threading.Lock()  # besides the queue's limit of one: no path ever runs two answers at once
@@ -220,11 +219,11 @@ def build_page(args, sessions, where, knowledge_on, max_tokens_limit):
             yield "", session.shown, sources_markdown(session)
             return
         try:
-            generation = settings_for(args, greedy, temperature, top_k, top_p, max_new_tokens)
+            settings = settings_for(generation, greedy, temperature, top_k, top_p, max_new_tokens)
         except (TypeError, ValueError) as e:
-            yield message, session.shown + [notice_message(f"_(settings not understood: {_first_line(e)})_")], ""
+            yield message, session.shown + [notice_message(f"_(settings not understood: {first_line(e)})_")], ""
             return
-        for shown in stream_answer(session, message, generation, model_lock):
+        for shown in stream_answer(session, message, settings, model_lock):
             yield "", shown, gr.skip()
         yield "", session.shown, sources_markdown(session)
 
@@ -250,11 +249,11 @@ def build_page(args, sessions, where, knowledge_on, max_tokens_limit):
         with gr.Accordion("Sources of the last answer", open=False, visible=knowledge_on):
             sources = gr.Markdown(elem_id="sources")
         with gr.Accordion("Settings", open=False):
-            greedy = gr.Checkbox(value=args.greedy, label="Greedy (deterministic: always the most likely word)")
-            temperature = gr.Slider(0, 2, value=args.temperature, step=0.05, label="Temperature (sampling)")
-            top_k = gr.Slider(0, 200, value=args.top_k, step=1, label="Top-k (sampling; 0 = all)")
-            top_p = gr.Slider(0.05, 1, value=args.top_p, step=0.05, label="Top-p (sampling)")
-            max_new_tokens = gr.Slider(1, max_tokens_limit, value=min(args.max_new_tokens, max_tokens_limit), step=1,
+            greedy = gr.Checkbox(value=generation.greedy, label="Greedy (deterministic: always the most likely word)")
+            temperature = gr.Slider(0, 2, value=generation.temperature, step=0.05, label="Temperature (sampling)")
+            top_k = gr.Slider(0, 200, value=generation.top_k, step=1, label="Top-k (sampling; 0 = all)")
+            top_p = gr.Slider(0.05, 1, value=generation.top_p, step=0.05, label="Top-p (sampling)")
+            max_new_tokens = gr.Slider(1, max_tokens_limit, value=min(generation.max_new_tokens, max_tokens_limit), step=1,
                                        label="Max new tokens")
         gr.Markdown(f"<small>{where}</small>", elem_id="model")
 
@@ -283,31 +282,33 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's requests to itself at start
+    generation = chat.settings_from(args, chat.GenerationSettings)
     try:
-        model, tokenizer, knowledge_base, where = chat.load_engine(args, sys.stderr)
-        first = chat.make_chat(args, model, tokenizer, knowledge_base)  # bad settings fail here, before serving
+        engine = chat.load_engine(chat.settings_from(args, chat.EngineSettings), sys.stderr)
+        first = engine.new_chat(generation)  # bad settings fail here, before serving
     except (ModelLoadError, DataError, ValueError) as e:
         fail(str(e))
     except Exception as e:
-        fail(f"{type(e).__name__}: {_first_line(e)}", code=1)
+        fail(f"{type(e).__name__}: {first_line(e)}", code=1)
     made = [first]  # the first session gets the Chat made above
 
     def make_chat():
-        return made.pop() if made else chat.make_chat(args, model, tokenizer, knowledge_base)
+        return made.pop() if made else engine.new_chat(generation)
 
     max_tokens_limit = max(args.max_new_tokens, min(1024, getattr(first, "context", 2048) // 2))
-    page = build_page(args, Sessions(make_chat), where, knowledge_base is not None, max_tokens_limit)
+    page = build_page(generation, Sessions(make_chat), engine.where, engine.knowledge_base is not None,
+                      max_tokens_limit)
     page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     import gradio as gr
 
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # offline
-    print(f"ChatDoctor on http://{args.host}:{args.port} ({where}). {SAFETY_NOTICE}", file=sys.stderr, flush=True)
+    print(f"ChatDoctor on http://{args.host}:{args.port} ({engine.where}). {SAFETY_NOTICE}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:
         page.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
                     theme=theme, css=CSS, quiet=True, footer_links=["api"])
     except OSError as e:  # the port is taken, or the address is not this machine's
-        fail(f"cannot serve on {args.host}:{args.port}: {_first_line(e)}", code=1)
+        fail(f"cannot serve on {args.host}:{args.port}: {first_line(e)}", code=1)
     except KeyboardInterrupt:
         pass
     log.info("stopped after %.0f s", time.perf_counter() - started)

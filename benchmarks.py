@@ -27,12 +27,10 @@ than the scored one (lm-eval's `first_n` sampler with the scored document remove
 its answer and a blank line.
 """
 import argparse
-import io
 import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +38,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local; never wait on a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from utils import DataError, ModelLoadError, fail, replace_markdown_section, sha256_of, write_atomic
+import compare
+from compare import read_finished, spread_indices
+from utils import DataError, ModelLoadError, fail, sha256_of, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data" / "benchmarks"  # written by `python prepare.py benchmarks`
-DEFAULT_LIMIT = 50  # questions per benchmark: 7-11 min per 135M model on 2 shared cores; 95% intervals ~+-0.12
+DEFAULT_LIMIT = 50  # questions per benchmark (time per model and interval widths: docs/RESULTS.md)
 DEFAULT_BATCH_SIZE = 16  # rows (one per question when every choice is one token) per forward pass
 # lm-eval's defaults, which none of its tasks used here overrides.
 TARGET_DELIMITER = " "
@@ -212,13 +212,6 @@ def fewshot_context(benchmark, questions, index, num_fewshot):
     shots = [q for j, q in enumerate(questions) if j != index][:num_fewshot]
     examples = "".join(f"{s.context}{TARGET_DELIMITER}{s.choices[s.gold]}{FEWSHOT_DELIMITER}" for s in shots)
     return benchmark.description + examples + questions[index].context
-
-
-def question_indices(total, limit):
-    """N questions spread evenly over a file of `total` (all when limit is 0 or covers the file)."""
-    if not limit or limit >= total:
-        return list(range(total))
-    return [i * total // limit for i in range(limit)]
 
 
 # ----------------------------------------------------------------------------- log-likelihoods (lm-eval's HFLM)
@@ -415,10 +408,8 @@ def load_scoring_model(model_path, dtype="auto", device=None):
 
 def finished_summary(out_dir, name, settings):
     """The summary an earlier run with the same settings left for benchmark `name` (--reuse_finished), or None."""
-    path = Path(out_dir) / "summary.json"
-    if not path.is_file() or not (Path(out_dir) / f"{name}.jsonl").is_file():
-        return None
-    previous = json.loads(path.read_text(encoding="utf-8")).get("benchmarks", {}).get(name)
+    summary = read_finished(Path(out_dir) / "summary.json", Path(out_dir) / f"{name}.jsonl")
+    previous = (summary or {}).get("benchmarks", {}).get(name)
     return previous if previous and previous.get("settings") == settings else None
 
 
@@ -435,7 +426,7 @@ def evaluate_model(model_path, benchmarks, output_dir, data_dir=DATA_DIR, limit=
     summary = {"model_path": str(model_path), "benchmarks": {}}
     for benchmark in benchmarks:
         path, questions = data[benchmark.name]
-        indices = question_indices(len(questions), limit)
+        indices = spread_indices(len(questions), limit)
         settings = {"model_path": str(model_path), "data": str(path), "data_sha256": sha256_of(path),
                     "limit": limit, "num_fewshot": num_fewshot, "dtype": dtype}
         previous = finished_summary(output_dir, benchmark.name, settings) if reuse_finished else None
@@ -556,9 +547,7 @@ def save_plot(summaries, names, png_path):
     ax.set_title("Medical benchmarks, log-likelihood multiple choice (lm-eval's scoring)")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return write_atomic(png_path, buffer.getvalue())
+    return compare.save_figure(fig, png_path)
 
 
 def results_section(summaries, names, png_name, command, num_fewshot):
@@ -583,25 +572,9 @@ def results_section(summaries, names, png_name, command, num_fewshot):
     ])
 
 
-def write_results_md(path, section):
-    return replace_markdown_section(path, section, RESULTS_BEGIN, RESULTS_END, heading=f"## {RESULTS_TITLE}")
-
-
 # ----------------------------------------------------------------------------- command line
 
-def parse_compare(items):
-    models = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ModelLoadError(f"--compare {item!r}: expected NAME=PATH, e.g. base=models/SmolLM2-135M-Instruct")
-        models.append((name, path))
-    if len({name for name, _ in models}) != len(models):
-        raise ModelLoadError("--compare: model names must be distinct")
-    return models
-
-
-def main(argv=None):
+def argument_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model_path", help="a local causal-LM folder to score")
@@ -619,25 +592,24 @@ def main(argv=None):
                         help="keep the benchmarks an earlier run with the same settings already finished")
     parser.add_argument("--results_md", default=str(ROOT / "docs" / "RESULTS.md"),
                         help="with --compare: the markdown file whose `make benchmarks` section is rewritten")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = argument_parser().parse_args(argv)
     if args.limit < 0 or args.num_fewshot < 0 or args.batch_size < 1:
         fail("--limit and --num_fewshot must be >= 0, --batch_size >= 1")
     benchmarks = [BENCHMARKS[name] for name in args.benchmarks]
     try:
-        from utils import check_model_path
-
-        models = parse_compare(args.compare) if args.compare else [(Path(args.model_path).name, args.model_path)]
-        for _, path in models:  # every path checked before any model runs
-            check_model_path(path)
-        for b in benchmarks:  # and every file read
+        models = (compare.parse_compare(args.compare) if args.compare
+                  else [compare.Compared(Path(args.model_path).name, args.model_path)])
+        compare.check_paths(models)
+        for b in benchmarks:  # and every file read before any model runs
             load_benchmark(b, args.data_dir)
-        out_root = Path(args.output_dir or (ROOT / "runs" / "benchmarks" / ("" if args.compare else models[0][0])))
-        summaries = {}
-        for name, path in models:
-            out = out_root / name if args.compare else out_root
-            summaries[name] = evaluate_model(path, benchmarks, out, args.data_dir, args.limit, args.num_fewshot,
-                                             args.batch_size, args.dtype, label=name,
-                                             reuse_finished=args.reuse_finished)
+        out_root = compare.output_root(args.output_dir, ROOT / "runs" / "benchmarks", models, args.compare)
+        summaries = compare.run_models(models, out_root, args.compare, lambda model, out: evaluate_model(
+            model.path, benchmarks, out, args.data_dir, args.limit, args.num_fewshot, args.batch_size, args.dtype,
+            label=model.name, reuse_finished=args.reuse_finished))
     except (DataError, ModelLoadError) as e:
         fail(str(e))
     names = [b.name for b in benchmarks]
@@ -646,9 +618,10 @@ def main(argv=None):
         results_md = Path(args.results_md)
         png = results_md.parent / "results-medical-benchmarks.png"
         save_plot(summaries, names, png)
-        write_atomic(out_root / "comparison.json", json.dumps(summaries, indent=1) + "\n")
-        command = "python benchmarks.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_results_md(results_md, results_section(summaries, names, png.name, command, args.num_fewshot))
+        section = results_section(summaries, names, png.name, compare.command_line("benchmarks.py", argv),
+                                  args.num_fewshot)
+        compare.write_comparison(out_root, summaries, results_md, section, RESULTS_BEGIN, RESULTS_END,
+                                 f"## {RESULTS_TITLE}")
         print(f"\nwrote {results_md} and {png}")
     return summaries
 

@@ -9,31 +9,27 @@
 
 In the dialogue: /reset starts a new conversation, /help lists the commands, /exit (or Ctrl-D) quits.
 Ctrl-C stops an answer; at the prompt it quits.
+
+The dialogue's text (prompt, turns, stops, history fitting, knowledge block) is prompts.py's. This file holds the
+dialogue engine (Chat: history, KV cache, streaming, grounding, the emergency notice; Engine: the model, tokenizer
+and knowledge base that conversations share, made from EngineSettings) and the terminal around it; app.py and
+eval.py use the engine.
 """
 import argparse
 import errno
 import importlib.util
-import json
 import os
 import re
 import signal
-import string
 import sys
 import time
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
-from utils import (CHATDOCTOR_INSTRUCTION, PROMPT_STYLES, SAFETY_NOTICE, DataError, ModelLoadError, _first_line,
-                   PROMPT_DICT, build_prompt, fail, grounded_message, load_model, load_tokenizer,
-                   recorded_prompt_style)
+from prompts import (DEFAULT_PROMPT_STYLE, DOCTOR, GREETING, PATIENT, PROMPT_STYLES, SAFETY_NOTICE, build_chat_prompt,
+                     fit_history, format_context, grounded_message, next_turn_prefix, sources_line, visible_answer)
+from utils import DataError, ModelLoadError, fail, first_line, load_model, load_tokenizer, prompt_style_for
 
-PATIENT = "Patient"
-DOCTOR = "ChatDoctor"
-GREETING = "I am ChatDoctor, what medical questions do you have?"
-# A model that goes on to write the patient's next line has finished its answer; that line is never shown.
-STOP_STRINGS = ("Patient:",)
-# For a model train.py did not make (it records "alpaca", the template it trains on, in the saved folder):
-# under the Alpaca template and the 1.1 repetition penalty the untrained embedded default often ends its answer
-# at once. `make eval` measures both styles on the base and the fine-tuned model (docs/RESULTS.md).
-DEFAULT_PROMPT_STYLE = "chatdoctor"
 DEFAULT_GENERATION = {"repetition_penalty": 1.1, "max_new_tokens": 200}  # the original chat.py's
 
 # Emergency signs: (what it is, patterns that must ALL appear somewhere in the message).
@@ -67,200 +63,6 @@ HELP = """Commands:
   /exit    quit (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C while ChatDoctor answers stops that answer; the exchange is then forgotten.
 Anything else is your message to ChatDoctor."""
-
-
-# ----------------------------------------------------------------------------- prompt building
-
-def prompt_style_for(model_path, requested=None):
-    """The style to prompt `model_path` with: the one asked for, else the one it was trained on, else the default."""
-    return requested or recorded_prompt_style(model_path) or DEFAULT_PROMPT_STYLE
-
-
-TURN = "{role}: {text}"
-TURN_SEPARATOR = "\n\n"
-CHATDOCTOR_PROMPT = "{instruction} \n\n{history}"  # the original chat.py text; the history ends "ChatDoctor: "
-
-
-def render_turns(turns):
-    return TURN_SEPARATOR.join(TURN.format(role=role, text=text) for role, text in turns)
-
-
-def build_chat_prompt(turns, style, instruction=CHATDOCTOR_INSTRUCTION):
-    """The model's prompt for a dialogue `turns` [(role, text)], ending with the patient's newest turn.
-
-    chatdoctor: the original chat.py text, greeting included. alpaca: the training template; a single
-    question is exactly a training record, a longer dialogue goes into the input as a transcript.
-    `instruction`: what a serving engine's system message puts in place of the ChatDoctor instruction.
-    """
-    if style == "chatdoctor":
-        history = render_turns([(DOCTOR, GREETING)] + list(turns) + [(DOCTOR, "")])
-        return CHATDOCTOR_PROMPT.format(instruction=instruction, history=history)
-    dialogue = turns[0][1] if len(turns) == 1 else render_turns(turns)
-    return build_prompt({"instruction": instruction, "input": dialogue})
-
-
-def next_turn_prefix(turns, style):
-    """The text every prompt of the next turn starts with: what the KV cache can hold while the patient types."""
-    marker = "\x00"
-    return build_chat_prompt(list(turns) + [(PATIENT, marker)], style).split(marker)[0]
-
-
-# ----------------------------------------------------------------------------- chat template (serving engines)
-# vLLM, TGI, llama.cpp and Ollama format a dialogue with the tokenizer's chat template. chat_template_for writes
-# build_chat_prompt in Jinja from the same constants, so there is no second copy of the prompt to drift apart.
-# Messages: "user" is the patient, "assistant" ChatDoctor. One leading "system" message takes the place of the
-# instruction (leave it out for the prompt the model was trained with); any other role is refused. A final
-# assistant message is an answer: alpaca renders prompt, answer and EOS, exactly a training record.
-SPEAKERS = {"user": PATIENT, "assistant": DOCTOR}
-ROLE_ERROR = ("ChatDoctor's chat template takes user (patient) and assistant (ChatDoctor) messages after at most "
-              "one leading system message (it replaces the instruction); got role ")
-
-
-def string_literal(text):
-    """A string literal of `text` in Jinja and in Go templates: JSON's escapes are theirs too."""
-    return json.dumps(text)
-
-
-def format_expression(template, fields, join=lambda parts: "(" + " + ".join(parts) + ")"):
-    """`template.format(**fields)` as an expression of a template language: its text as string literals, each
-    {field} the expression given, the parts joined by `join` (default: Jinja's +)."""
-    parts = []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        parts += [string_literal(literal)] if literal else []
-        parts += [fields[field]] if field is not None else []
-    return join(parts)
-
-
-def jinja_format(template, **fields):
-    return format_expression(template, fields)
-
-
-def split_response_header(template):
-    """An Alpaca template as (the prompt up to its last field, the response header after it). The header is what
-    a generation prompt adds: the answer follows it."""
-    cut = template.rindex("}") + 1
-    return template[:cut], template[cut:]
-
-
-def chat_template_for(style):
-    """The Jinja chat template whose rendering of messages with add_generation_prompt is build_chat_prompt(style)."""
-    turn = lambda speaker, text: jinja_format(TURN, role=speaker, text=text)  # noqa: E731
-    said = "speakers[message['role']]", "message['content']"
-    lines = [
-        "{%- set speakers = " + json.dumps(SPEAKERS) + " -%}",
-        "{%- set has_system = messages|length > 0 and messages[0]['role'] == 'system' -%}",
-        "{%- set instruction = messages[0]['content'] if has_system else " + string_literal(CHATDOCTOR_INSTRUCTION)
-        + " -%}",
-        "{%- set dialogue = messages[1:] if has_system else messages -%}",
-        "{%- for message in dialogue -%}",
-        "{%- if message['role'] not in speakers -%}{{- raise_exception(" + string_literal(ROLE_ERROR)
-        + " + message['role']) -}}{%- endif -%}",
-        "{%- endfor -%}",
-        "{%- set answered = dialogue|length > 0 and dialogue[-1]['role'] == 'assistant' -%}",
-    ]
-    separator = string_literal(TURN_SEPARATOR)
-    if style == "chatdoctor":
-        lines += [
-            "{%- set ns = namespace(history=" + turn(string_literal(DOCTOR), string_literal(GREETING)) + ") -%}",
-            "{%- for message in dialogue -%}",
-            "{%- set ns.history = ns.history + " + separator + " + " + turn(*said) + " -%}",
-            "{%- endfor -%}",
-            "{%- if add_generation_prompt and not answered -%}",
-            "{%- set ns.history = ns.history + " + separator + " + " + turn(string_literal(DOCTOR), '""') + " -%}",
-            "{%- endif -%}",
-            "{{- " + jinja_format(CHATDOCTOR_PROMPT, instruction="instruction", history="ns.history") + " -}}",
-        ]
-        return "\n".join(lines)
-    with_input, input_header = split_response_header(PROMPT_DICT["prompt_input"])
-    without_input, no_input_header = split_response_header(PROMPT_DICT["prompt_no_input"])
-    lines += [
-        "{%- set asked = dialogue[:-1] if answered else dialogue -%}",
-        '{%- set ns = namespace(transcript="") -%}',
-        "{%- for message in asked -%}",
-        "{%- set ns.transcript = ns.transcript + (" + separator + ' if not loop.first else "") + ' + turn(*said)
-        + " -%}",
-        "{%- endfor -%}",
-        "{%- set patient_input = asked[0]['content'] if asked|length == 1 else ns.transcript -%}",
-        '{%- set header = ' + string_literal(no_input_header) + ' if patient_input == "" else '
-        + string_literal(input_header) + " -%}",
-        '{{- ' + jinja_format(without_input, instruction="instruction") + ' if patient_input == "" else '
-        + jinja_format(with_input, instruction="instruction", input="patient_input") + " -}}",
-        "{%- if answered -%}",
-        "{{- header + dialogue[-1]['content'] + (eos_token if eos_token is defined else '') -}}",
-        "{%- elif add_generation_prompt -%}{{- header -}}{%- endif -%}",
-    ]
-    return "\n".join(lines)
-
-
-def messages_of(turns, instruction=None):
-    """build_chat_prompt's turns as chat messages (what a serving engine receives)."""
-    roles = {speaker: role for role, speaker in SPEAKERS.items()}
-    system = [{"role": "system", "content": instruction}] if instruction is not None else []
-    return system + [{"role": roles[speaker], "content": text} for speaker, text in turns]
-
-
-# ----------------------------------------------------------------------------- history trimming
-
-def fit_history(turns, style, count_tokens, budget):
-    """Drop the oldest exchanges until the prompt fits `budget` tokens; cut an over-long newest message.
-
-    `turns` alternate Patient / ChatDoctor and end with the newest patient message, which always stays,
-    as do the instruction (and greeting). Returns (kept turns, notice or None).
-    """
-    start = 0
-    while start < len(turns) - 1 and count_tokens(build_chat_prompt(turns[start:], style)) > budget:
-        start += 2  # a whole exchange, so that the dialogue still starts with the patient
-    kept = list(turns[start:])
-    overflow = count_tokens(build_chat_prompt(kept, style)) - budget
-    if overflow <= 0:
-        return kept, None
-    role, message = kept[-1]
-    message_tokens = count_tokens(message)
-    keep = message_tokens - overflow
-    if keep < 1:
-        return [], f"the instruction alone fills the {budget}-token budget; lower --max_new_tokens"
-    while keep > 0:
-        cut = cut_to_tokens(message, keep, count_tokens)
-        if count_tokens(build_chat_prompt([(role, cut)], style)) <= budget:
-            break
-        keep -= max(1, keep // 50)
-    notice = f"your message is too long for the model's context: only its first {keep} of {message_tokens} tokens are used"
-    return [(role, cut)], notice
-
-
-def cut_to_tokens(text, n_tokens, count_tokens):
-    """The longest prefix of `text` (cut at a character) that has at most `n_tokens` tokens."""
-    low, high = 0, len(text)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if count_tokens(text[:mid]) <= n_tokens:
-            low = mid
-        else:
-            high = mid - 1
-    return text[:low]
-
-
-# ----------------------------------------------------------------------------- stop handling
-
-def visible_answer(text):
-    """(what of the generated `text` may be shown now, whether a stop string was reached).
-
-    The answer is cut before a stop string; while the text might still become one ("...Pat"), and while
-    it ends in whitespace (which a stop or the end would strip), that tail is held back.
-    """
-    text = text.lstrip()
-    for stop in STOP_STRINGS:
-        at = text.find(stop)
-        if at >= 0:
-            return text[:at].rstrip(), True
-    held = 0
-    for stop in STOP_STRINGS:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                held = max(held, n)
-                break
-    text = text[: len(text) - held].rstrip("\ufffd")  # \ufffd: an unfinished multi-byte character
-    return text.rstrip(), False
 
 
 # ----------------------------------------------------------------------------- safety
@@ -307,34 +109,34 @@ def pick_dtype(requested, device, bf16_supported=False):
     return "float16" if device == "mps" else "float32"
 
 
-def quantization_config(args, device):
+def quantization_config(settings, device):
     """bitsandbytes 8/4-bit settings for --load_in_8bit / --load_in_4bit (CUDA only), else None."""
-    if not (args.load_in_8bit or args.load_in_4bit):
+    if not (settings.load_in_8bit or settings.load_in_4bit):
         return None
-    flag = "--load_in_8bit" if args.load_in_8bit else "--load_in_4bit"
+    flag = "--load_in_8bit" if settings.load_in_8bit else "--load_in_4bit"
     if not device.startswith("cuda"):
         raise ModelLoadError(f"{flag} needs a CUDA GPU (bitsandbytes); this run is on {device}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(f"{flag} needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
+    return BitsAndBytesConfig(load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
 
 
-def load_chat_model(args):
-    """(model, tokenizer, device, dtype name) for the parsed arguments; ModelLoadError on any problem."""
+def load_chat_model(settings):
+    """(model, tokenizer, device, dtype name) for EngineSettings; ModelLoadError on any problem."""
     import torch
 
-    device = pick_device(args.device, available_devices())
+    device = pick_device(settings.device, available_devices())
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    dtype = pick_dtype(args.dtype, device, bf16)
-    quantization = quantization_config(args, device)
-    tokenizer = load_tokenizer(args.model_path)
+    dtype = pick_dtype(settings.dtype, device, bf16)
+    quantization = quantization_config(settings, device)
+    tokenizer = load_tokenizer(settings.model_path)
     if quantization is not None:
-        model = load_model(args.model_path, dtype=getattr(torch, dtype), quantization_config=quantization,
+        model = load_model(settings.model_path, dtype=getattr(torch, dtype), quantization_config=quantization,
                            device_map={"": device})
     else:
-        model = load_model(args.model_path, dtype=getattr(torch, dtype)).to(device)
+        model = load_model(settings.model_path, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     if device == "cpu":
         split_cpu_gemv(model)
@@ -522,7 +324,7 @@ class Chat:
         import knowledge
 
         self.last_hits = self.knowledge.search(message, self.k or knowledge.DEFAULT_K)
-        return grounded_message(message, knowledge.format_context(self.last_hits))
+        return grounded_message(message, format_context(self.last_hits))
 
     def respond_all(self, messages):
         return [self.respond(m) for m in messages]
@@ -612,6 +414,119 @@ class OriginalPipelineChat:
         return answer
 
 
+# ----------------------------------------------------------------------------- settings and the engine
+# What every conversation shares, loaded once; app.py makes one Chat per browser tab from the same Engine.
+
+def quiet_libraries():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are generated (chat.py's generation flags, app.py's settings panel)."""
+    greedy: bool = False
+    temperature: float = 0.5
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = DEFAULT_GENERATION["repetition_penalty"]
+    max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"]
+
+    def check(self):
+        """ValueError naming the flags when a setting is out of range."""
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("--max_new_tokens must be at least 1")
+        return self
+
+    def generate_kwargs(self):
+        """The settings as generate() takes them; temperature 0 means greedy."""
+        settings = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.greedy or self.temperature == 0:
+            return {**settings, "do_sample": False}
+        return {**settings, "do_sample": True, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every conversation shares: the model, its prompt style, the knowledge, the hardware."""
+    model_path: str = "./pretrained"
+    prompt_style: Optional[str] = None  # None: the style recorded in the model folder (utils.prompt_style_for)
+    knowledge: Optional[str] = None
+    knowledge_k: Optional[int] = None
+    knowledge_mode: str = "grounded"
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    seed: Optional[int] = None
+
+
+def settings_from(args, settings_class):
+    """The fields of `settings_class` taken from parsed arguments."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in fields(settings_class)})
+
+
+@dataclass
+class Engine:
+    """The model, tokenizer and knowledge base, loaded once; every conversation (new_chat) shares them."""
+    settings: EngineSettings
+    model: object
+    tokenizer: object
+    knowledge_base: object = None
+    where: str = ""  # the line that names the model and where it runs
+
+    def new_chat(self, generation):
+        """A new conversation answering with `generation` (GenerationSettings)."""
+        s, kwargs = self.settings, generation.generate_kwargs()
+        if s.knowledge_mode == "original":
+            return OriginalPipelineChat(self.model, self.tokenizer, s.knowledge, kwargs)
+        grounding = {"knowledge": self.knowledge_base, "k": s.knowledge_k}
+        if not s.compile:
+            return Chat(self.model, self.tokenizer, s.prompt_style, kwargs, **grounding)
+        compile_decoding(self.model)
+        context = min(context_window(self.model, self.tokenizer), COMPILED_CONTEXT)
+        return Chat(self.model, self.tokenizer, s.prompt_style, kwargs, context=context, static_cache=True,
+                    **grounding)
+
+
+def load_knowledge_base(settings, info):
+    if not settings.knowledge or settings.knowledge_mode == "original":
+        return None
+    import knowledge
+
+    started = time.perf_counter()
+    base = knowledge.load_knowledge(settings.knowledge)
+    say(f"(knowledge: {len(base)} entries from {settings.knowledge}, index {'built' if base.built else 'cached'} in "
+        f"{time.perf_counter() - started:.1f} s)", info)
+    return base
+
+
+def load_engine(settings, info):
+    """The Engine of `settings` (EngineSettings), progress on `info`; its settings name the prompt style used."""
+    quiet_libraries()
+    say(f"Loading {settings.model_path} ...", info)
+    settings = replace(settings, prompt_style=prompt_style_for(settings.model_path, settings.prompt_style))
+    model, tokenizer, device, dtype = load_chat_model(settings)
+    if settings.seed is not None:
+        from transformers import set_seed
+
+        set_seed(settings.seed)
+    knowledge_base = load_knowledge_base(settings, info)
+    where = (f"{settings.model_path} · {device} {dtype} · prompt {settings.prompt_style}"
+             f"{' · compiled decoding' if settings.compile else ''}")
+    return Engine(settings, model, tokenizer, knowledge_base, where)
+
+
 # ----------------------------------------------------------------------------- the three ways to talk
 
 def say(text, stream):
@@ -635,9 +550,7 @@ def answer_once(chat, message, out, info, prefix=""):
 
     chat.respond(message, on_text=stream_to(out), on_notice=trimmed)
     if chat.last_hits:
-        import knowledge
-
-        print(f"\n{knowledge.sources_line(chat.last_hits)}", end="", file=out, flush=True)
+        print(f"\n{sources_line(chat.last_hits)}", end="", file=out, flush=True)
 
 
 def sources_table(hits):
@@ -765,11 +678,11 @@ def parse_args(argv=None, parser=None):
     """The parsed and checked options of `parser` (default: chat.py's own argument_parser())."""
     p = parser or argument_parser()
     args = p.parse_args(argv)
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
-        p.error("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0")
+    try:
+        settings_from(args, GenerationSettings).check()
+    except ValueError as e:
+        p.error(str(e))
     args.greedy = args.greedy or args.temperature == 0
-    if args.max_new_tokens < 1:
-        p.error("--max_new_tokens must be at least 1")
     if args.knowledge_k is not None and args.knowledge_k < 1:
         p.error("--knowledge_k must be at least 1")
     if args.knowledge_mode == "original" and not args.knowledge:
@@ -783,73 +696,14 @@ def argv_text(value):
     return os.fsencode(value).decode(sys.getfilesystemencoding(), errors="replace")
 
 
-def generation_settings(args):
-    settings = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
-    if args.greedy:
-        return {**settings, "do_sample": False}
-    return {**settings, "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-
-
-def quiet_libraries():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def make_chat(args, model, tokenizer, knowledge_base=None):
-    if args.knowledge_mode == "original":
-        return OriginalPipelineChat(model, tokenizer, args.knowledge, generation_settings(args))
-    grounding = {"knowledge": knowledge_base, "k": args.knowledge_k}
-    if not args.compile:
-        return Chat(model, tokenizer, args.prompt_style, generation_settings(args), **grounding)
-    compile_decoding(model)
-    context = min(context_window(model, tokenizer), COMPILED_CONTEXT)
-    return Chat(model, tokenizer, args.prompt_style, generation_settings(args), context=context, static_cache=True,
-                **grounding)
-
-
-def load_knowledge_base(args, info):
-    if not args.knowledge or args.knowledge_mode == "original":
-        return None
-    import knowledge
-
-    started = time.perf_counter()
-    base = knowledge.load_knowledge(args.knowledge)
-    say(f"(knowledge: {len(base)} entries from {args.knowledge}, index {'built' if base.built else 'cached'} in "
-        f"{time.perf_counter() - started:.1f} s)", info)
-    return base
-
-
-def load_engine(args, info):
-    """What every conversation shares, loaded once, progress on `info`: (model, tokenizer, knowledge base or None,
-    the line that names the model and where it runs). Sets args.prompt_style to the style used."""
-    quiet_libraries()
-    say(f"Loading {args.model_path} ...", info)
-    args.prompt_style = prompt_style_for(args.model_path, args.prompt_style)
-    model, tokenizer, device, dtype = load_chat_model(args)
-    if args.seed is not None:
-        from transformers import set_seed
-
-        set_seed(args.seed)
-    knowledge_base = load_knowledge_base(args, info)
-    where = (f"{args.model_path} · {device} {dtype} · prompt {args.prompt_style}"
-             f"{' · compiled decoding' if args.compile else ''}")
-    return model, tokenizer, knowledge_base, where
-
-
 def main(argv=None):
     args = parse_args(argv)
     interactive = args.prompt is None and sys.stdin.isatty()
     info = sys.stdout if interactive else sys.stderr  # one-shot and piped runs keep stdout for answers
     try:
-        model, tokenizer, knowledge_base, where = load_engine(args, info)
-        chat = make_chat(args, model, tokenizer, knowledge_base)
-        say(f"[{where}] {SAFETY_NOTICE}", info)
+        engine = load_engine(settings_from(args, EngineSettings), info)
+        chat = engine.new_chat(settings_from(args, GenerationSettings))
+        say(f"[{engine.where}] {SAFETY_NOTICE}", info)
         if args.compile:
             say("(the first answer compiles the model: about a minute)", info)
         if args.prompt is not None:
@@ -874,9 +728,9 @@ def main(argv=None):
         sys.stderr.close()
         return 0
     except OSError as e:  # EIO: the terminal was closed while SIGHUP is ignored (nohup), else it ends us quietly
-        fail("the terminal was closed" if e.errno == errno.EIO else f"{type(e).__name__}: {_first_line(e)}", code=1)
+        fail("the terminal was closed" if e.errno == errno.EIO else f"{type(e).__name__}: {first_line(e)}", code=1)
     except Exception as e:  # never a traceback: one line that says what broke
-        fail(f"{type(e).__name__}: {_first_line(e)}", code=1)
+        fail(f"{type(e).__name__}: {first_line(e)}", code=1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ with left padding. --compare adds an "echo the question" row: the patient's mess
 """
 import argparse
 import csv
-import io
 import json
 import os
 import re
@@ -39,15 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local; never
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import chat
+import compare
 import machine
+from compare import read_finished, spread_indices
 from knowledge import decode_escapes
-from utils import (PROMPT_STYLES, DataError, ModelLoadError, ensure_pad_token, fail, grounded_message, load_data,
-                   load_model_and_tokenizer, relative, replace_markdown_section, write_atomic)
+from prompts import (DEFAULT_PROMPT_STYLE, PATIENT, PROMPT_STYLES, STOP_STRINGS, build_chat_prompt, format_context,
+                     grounded_message, visible_answer)
+from utils import (DataError, ModelLoadError, ensure_pad_token, fail, load_data, load_model_and_tokenizer,
+                   prompt_style_for, relative, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
 DEFAULT_DISEASES = ROOT / "format_dataset.csv"
-DEFAULT_NUM_EXAMPLES = 50  # of the 200 held-out; a few minutes per 135M model on 2 CPU cores
+DEFAULT_NUM_EXAMPLES = 50  # of the 200 held-out (time per model: docs/RESULTS.md)
 DEFAULT_MAX_NEW_TOKENS = 128  # held-out references (SmolLM2 tokens): median 40, 90th percentile 104, longest 160
 DEFAULT_BATCH_SIZE = 8
 METRICS = ("diagnosis_accuracy", "rouge_l", "semantic_similarity")
@@ -111,15 +114,15 @@ def patient_message(record):
 
 
 def generate_answers(model, tokenizer, records, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                     batch_size=DEFAULT_BATCH_SIZE, desc="generate", style=chat.DEFAULT_PROMPT_STYLE,
+                     batch_size=DEFAULT_BATCH_SIZE, desc="generate", style=DEFAULT_PROMPT_STYLE,
                      repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"], messages=None):
     """What `chat.py --greedy --prompt MESSAGE` answers to each record's patient message (or to `messages`,
     e.g. grounded in knowledge), in order: the same prompt, repetition penalty and stop at "Patient:"."""
     messages = messages or [patient_message(r) for r in records]
-    prompts = [chat.build_chat_prompt([(chat.PATIENT, message)], style) for message in messages]
+    prompts = [build_chat_prompt([(PATIENT, message)], style) for message in messages]
     texts = completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, desc, batch_size,
-                        stop_strings=list(chat.STOP_STRINGS))
-    return [chat.visible_answer(text + "\n")[0] for text in texts]
+                        stop_strings=list(STOP_STRINGS))
+    return [visible_answer(text + "\n")[0] for text in texts]
 
 
 def completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, desc, batch_size=DEFAULT_BATCH_SIZE,
@@ -295,18 +298,6 @@ def resolve_data(data_path):
     return load_data(data_path)
 
 
-def example_indices(total, n):
-    """Indices of N records spread evenly over a file of `total` (all when n is 0 or covers the file).
-
-    Not the first N: the held-out file keeps GenMedGPT-5k's order, whose first records are a different style
-    (in the first 50 held-out records, 14 of the 27 labelled questions already name the disease; in the
-    remaining 150, 4 of 122).
-    """
-    if not n or n >= total:
-        return list(range(total))
-    return [i * total // n for i in range(n)]
-
-
 def resolve_diseases(csv_path):
     path = Path(csv_path)
     if path.resolve() == DEFAULT_DISEASES.resolve() and not path.exists():
@@ -329,7 +320,7 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
     import knowledge
 
     torch.manual_seed(0)
-    style = chat.prompt_style_for(model_path, prompt_style)
+    style = prompt_style_for(model_path, prompt_style)
     model, tokenizer = load_model_and_tokenizer(model_path)
     k = k or knowledge.DEFAULT_K
     hits = knowledge_base.search_batch([patient_message(r) for r in records], k) if mode == "knowledge" else None
@@ -338,7 +329,7 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
         predictions, calls = original_pipeline_answers(model, tokenizer, records, knowledge_spec, max_new_tokens,
                                                        repetition_penalty, desc=name or "original")
     else:
-        messages = [grounded_message(patient_message(r), knowledge.format_context(h))
+        messages = [grounded_message(patient_message(r), format_context(h))
                     for r, h in zip(records, hits)] if hits else None
         predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate",
                                        style=style, repetition_penalty=repetition_penalty, messages=messages)
@@ -393,7 +384,7 @@ def original_pipeline_answers(model, tokenizer, records, csv_path, max_new_token
     for i, text in zip(best_of, best):
         final[i] = text
     calls = [1 + len(a) + (len(a) > 1) for a in answers]
-    return [chat.visible_answer(text + "\n")[0] for text in final], calls
+    return [visible_answer(text + "\n")[0] for text in final], calls
 
 
 ECHO_NAME = "echo the question"
@@ -504,9 +495,7 @@ def save_metrics_plot(metrics_by_name, png_path):
     ax.set_title(f"{data}, {n} examples")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return write_atomic(png_path, buffer.getvalue())
+    return compare.save_figure(fig, png_path)
 
 
 def pick_examples(rows_by_name, k=3):
@@ -572,38 +561,33 @@ MODES = ("knowledge", "original")  # NAME=PATH@knowledge: grounded answers; NAME
 def finished_row(out_dir, model_path, num_examples, max_new_tokens, mode):
     """(metrics, rows) an earlier run of the same comparison left in `out_dir`, or None when there is none or it
     was made with other settings: an interrupted comparison goes on where it stopped (--reuse_finished)."""
-    metrics_path, rows_path = Path(out_dir) / "metrics.json", Path(out_dir) / "predictions.jsonl"
-    if not (metrics_path.is_file() and rows_path.is_file()):
+    def same(metrics):
+        settings = metrics.get("settings", {})
+        return (metrics.get("model_path"), metrics.get("num_examples"), settings.get("max_new_tokens"),
+                settings.get("mode")) == (str(model_path), num_examples, max_new_tokens, mode)
+
+    rows_path = Path(out_dir) / "predictions.jsonl"
+    metrics = read_finished(Path(out_dir) / "metrics.json", rows_path, same_settings=same)
+    if metrics is None:
         return None
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    settings = metrics.get("settings", {})
-    if (metrics.get("model_path"), metrics.get("num_examples"), settings.get("max_new_tokens"),
-            settings.get("mode")) != (str(model_path), num_examples, max_new_tokens, mode):
-        return None
-    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
-    return metrics, rows
+    return metrics, [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
 
 
 def parse_compare(items):
     """[(name, path, mode, prompt style or None)] from NAME=PATH[@OPTION[,OPTION]] items, each OPTION a mode
-    (knowledge, original) or a prompt style (chatdoctor, alpaca)."""
+    (knowledge, original) or a prompt style (chatdoctor, alpaca), at most one of each."""
     models = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        path, _, options = path.partition("@") if "@" in path else (path, "", "")
-        options = [o for o in options.split(",") if o]
-        modes = [o for o in options if o in MODES]
-        styles = [o for o in options if o in PROMPT_STYLES]
-        if not sep or not name or not path or len(modes) > 1 or len(styles) > 1 or len(modes) + len(styles) < len(options):
-            raise ModelLoadError(f"--compare {item!r}: expected NAME=PATH[@OPTION[,OPTION]] with an option among "
-                                 f"{', '.join(MODES + PROMPT_STYLES)}, e.g. base=models/SmolLM2-135M-Instruct")
-        models.append((name, path, modes[0] if modes else "plain", styles[0] if styles else None))
-    if len({m[0] for m in models}) != len(models):
-        raise ModelLoadError("--compare: model names must be distinct")
+    for model in compare.parse_compare(items, options=MODES + PROMPT_STYLES):
+        modes = [o for o in model.options if o in MODES]
+        styles = [o for o in model.options if o in PROMPT_STYLES]
+        if len(modes) > 1 or len(styles) > 1:
+            raise ModelLoadError(f"--compare {model.name}: at most one of {', '.join(MODES)} and one of "
+                                 f"{', '.join(PROMPT_STYLES)}")
+        models.append((model.name, model.path, modes[0] if modes else "plain", styles[0] if styles else None))
     return models
 
 
-def main(argv=None):
+def argument_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model_path", help="a model folder (or hub id) to score")
@@ -634,65 +618,83 @@ def main(argv=None):
                         help="with --compare: the title of the generated section of --results_md to rewrite")
     parser.add_argument("--results_md", default=str(ROOT / "docs" / "RESULTS.md"),
                         help="with --compare: the markdown file whose `make eval` section is rewritten")
+    return parser
+
+
+def models_of(args):
+    """[(name, path, mode, prompt style)] of --compare, or the one --model_path; every path checked."""
+    if args.compare:
+        models = parse_compare(args.compare)
+    else:
+        mode = ("original" if args.knowledge_mode == "original" else "knowledge") if args.knowledge else "plain"
+        models = [(Path(args.model_path).name, args.model_path, mode, None)]
+    compare.check_paths(compare.Compared(name, path) for name, path, _, _ in models)
+    return models
+
+
+def score_models(args, models, out_root):
+    """({name: metrics}, {name: rows}) of every model (and the echo baseline when comparing), on the same examples."""
+    knowledge_spec = args.knowledge or str(DEFAULT_DISEASES)
+    knowledge_base = None
+    if any(mode == "knowledge" for _, _, mode, _ in models):
+        import knowledge
+
+        knowledge_base = knowledge.load_knowledge(knowledge_spec)
+    all_records = resolve_data(args.data_path)
+    indices = spread_indices(len(all_records), args.num_examples)
+    records = [all_records[i] for i in indices]
+    matcher = resolve_diseases(args.disease_csv)
+    encoder = Encoder()
+    bert_encoder = (Encoder(args.bertscore_model) if args.bertscore_model else encoder) if args.bertscore else None
+    settings = {"data_path": args.data_path, "disease_csv": args.disease_csv}
+    metrics_by_name, rows_by_name = {}, {}
+    if args.compare:
+        echo = evaluate_echo(records, out_root / "echo", matcher, encoder, bert_encoder, settings, indices)
+        metrics_by_name[ECHO_NAME], rows_by_name[ECHO_NAME] = echo
+    for name, path, mode, style in models:
+        out = out_root / name if args.compare else out_root
+        finished = finished_row(out, path, len(records), args.max_new_tokens, mode) if args.reuse_finished else None
+        if finished:
+            metrics_by_name[name], rows_by_name[name] = finished
+            print(f"{name}: reusing the finished row in {out}")
+            continue
+        metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
+                                       args.batch_size, bert_encoder, name=name, settings=settings,
+                                       indices=indices, prompt_style=style or args.prompt_style,
+                                       repetition_penalty=args.repetition_penalty, mode=mode,
+                                       knowledge_base=knowledge_base, knowledge_spec=knowledge_spec,
+                                       k=args.knowledge_k)
+        metrics_by_name[name], rows_by_name[name] = metrics, rows
+        print(f"{name}: " + ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in _metric_names({name: metrics}))
+              + f" ({metrics['num_examples']} examples, {metrics['generate_seconds']} s) -> {out}")
+    return metrics_by_name, rows_by_name
+
+
+def write_comparison(args, argv, out_root, metrics_by_name, rows_by_name):
+    """The comparison's JSON, its plot and its section of --results_md."""
+    results_md = Path(args.results_md)
+    slug = section_markers(args.results_section)[0].split("begin")[1].split("(")[0].strip()
+    png = results_md.parent / (f"results-{slug}.png" if slug else "results.png")
+    save_metrics_plot(metrics_by_name, png)
+    section = comparison_section(metrics_by_name, rows_by_name, png.name, compare.command_line("eval.py", argv))
+    begin, end = section_markers(args.results_section)
+    compare.write_comparison(out_root, metrics_by_name, results_md, section, begin, end, f"## {args.results_section}")
+    print(f"\n{metrics_table(metrics_by_name)}\n\nwrote {results_md} and {png}")
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.num_examples < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
         fail("--num_examples must be >= 0, --max_new_tokens and --batch_size >= 1")
     try:
-        if args.compare:
-            models = parse_compare(args.compare)
-        else:
-            mode = ("original" if args.knowledge_mode == "original" else "knowledge") if args.knowledge else "plain"
-            models = [(Path(args.model_path).name, args.model_path, mode, None)]
-        from utils import check_model_path
-
-        for _, path, _, _ in models:  # every path checked before any model runs
-            check_model_path(path)
-        knowledge_spec = args.knowledge or str(DEFAULT_DISEASES)
-        knowledge_base = None
-        if any(mode == "knowledge" for _, _, mode, _ in models):
-            import knowledge
-
-            knowledge_base = knowledge.load_knowledge(knowledge_spec)
-        all_records = resolve_data(args.data_path)
-        indices = example_indices(len(all_records), args.num_examples)
-        records = [all_records[i] for i in indices]
-        matcher = resolve_diseases(args.disease_csv)
-        encoder = Encoder()
-        bert_encoder = (Encoder(args.bertscore_model) if args.bertscore_model else encoder) if args.bertscore else None
-        settings = {"data_path": args.data_path, "disease_csv": args.disease_csv}
+        models = models_of(args)
         out_root = Path(args.output_dir or (ROOT / "runs" / "eval" / ("" if args.compare else models[0][0])))
-        metrics_by_name, rows_by_name = {}, {}
-        if args.compare:
-            echo = evaluate_echo(records, out_root / "echo", matcher, encoder, bert_encoder, settings, indices)
-            metrics_by_name[ECHO_NAME], rows_by_name[ECHO_NAME] = echo
-        for name, path, mode, style in models:
-            out = out_root / name if args.compare else out_root
-            finished = finished_row(out, path, len(records), args.max_new_tokens, mode) if args.reuse_finished else None
-            if finished:
-                metrics_by_name[name], rows_by_name[name] = finished
-                print(f"{name}: reusing the finished row in {out}")
-                continue
-            metrics, rows = evaluate_model(path, records, out, matcher, encoder, args.max_new_tokens,
-                                           args.batch_size, bert_encoder, name=name, settings=settings,
-                                           indices=indices, prompt_style=style or args.prompt_style,
-                                           repetition_penalty=args.repetition_penalty, mode=mode,
-                                           knowledge_base=knowledge_base, knowledge_spec=knowledge_spec,
-                                           k=args.knowledge_k)
-            metrics_by_name[name], rows_by_name[name] = metrics, rows
-            print(f"{name}: " + ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in _metric_names({name: metrics}))
-                  + f" ({metrics['num_examples']} examples, {metrics['generate_seconds']} s) -> {out}")
+        metrics_by_name, rows_by_name = score_models(args, models, out_root)
     except (DataError, ModelLoadError) as e:
         fail(str(e))
     if args.compare:
-        results_md = Path(args.results_md)
-        slug = section_markers(args.results_section)[0].split("begin")[1].split("(")[0].strip()
-        png = results_md.parent / (f"results-{slug}.png" if slug else "results.png")
-        save_metrics_plot(metrics_by_name, png)
-        write_atomic(out_root / "comparison.json", json.dumps(metrics_by_name, indent=1) + "\n")
-        command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_results_md(results_md, comparison_section(metrics_by_name, rows_by_name, png.name, command),
-                         args.results_section)
-        print(f"\n{metrics_table(metrics_by_name)}\n\nwrote {results_md} and {png}")
+        write_comparison(args, argv, out_root, metrics_by_name, rows_by_name)
     return metrics_by_name
 
 

@@ -6,7 +6,7 @@
     llama-server -m chatdoctor.gguf --jinja                              # llama.cpp renders the GGUF's template
 
 Reads what train.py and prepare.py write: a LlamaForCausalLM folder of safetensors with a byte-level BPE tokenizer
-(GPT-2 style, as SmolLM2's). The GGUF's chat template is chat.py's prompt for the model (chat.chat_template_for),
+(GPT-2 style, as SmolLM2's). The GGUF's chat template is chat.py's prompt for the model (prompts.chat_template_for),
 so llama.cpp prompts it as chat.py does; the Modelfile says the same prompt in Ollama's Go template syntax.
 """
 import argparse
@@ -14,10 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from chat import (CHATDOCTOR_INSTRUCTION, CHATDOCTOR_PROMPT, DOCTOR, GREETING, PATIENT, STOP_STRINGS, TURN,
-                  TURN_SEPARATOR, chat_template_for, format_expression, prompt_style_for, split_response_header,
-                  string_literal)
-from utils import PROMPT_DICT, SAFETY_NOTICE, ModelLoadError, check_model_path, fail, load_tokenizer, write_atomic
+from prompts import SAFETY_NOTICE, STOP_STRINGS, chat_template_for, ollama_template
+from utils import ModelLoadError, check_model_path, fail, load_tokenizer, prompt_style_for, write_atomic
 
 ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: a 2023 LLaMA folder's spelling
 FILE_TYPES = ("f16", "q8_0")
@@ -171,51 +169,6 @@ def add_tokenizer(writer, folder, vocab_size, chat_template):
 
 
 # ----------------------------------------------------------------------------- Ollama
-
-def go_format(template, **fields):
-    """`template.format(**fields)` as a Go template pipeline: print of its literals and the fields given."""
-    return format_expression(template, fields, lambda parts: "(print " + " ".join(parts) + ")")
-
-
-def ollama_template(style):
-    """chat.build_chat_prompt in Ollama's Go template syntax, over .Messages: a system message replaces the
-    instruction, user is the patient, assistant ChatDoctor (as chat_template_for)."""
-    turn = lambda speaker: go_format(TURN, role=speaker, text=".Content")  # noqa: E731
-    lines = [
-        "{{- $instruction := " + string_literal(CHATDOCTOR_INSTRUCTION) + " }}",
-        "{{- $history := " + go_format(TURN, role=string_literal(DOCTOR), text=string_literal(GREETING)) + " }}",
-        '{{- $transcript := "" }}{{- $first := "" }}{{- $turns := 0 }}{{- $last := "" }}',
-        "{{- range .Messages }}",
-        '{{- if eq .Role "system" }}{{- $instruction = .Content }}',
-        "{{- else }}",
-        "{{- $speaker := " + string_literal(DOCTOR) + ' }}{{- if eq .Role "user" }}{{- $speaker = '
-        + string_literal(PATIENT) + " }}{{- end }}",
-        "{{- $history = print $history " + string_literal(TURN_SEPARATOR) + " " + turn("$speaker") + " }}",
-        "{{- if $turns }}{{- $transcript = print $transcript " + string_literal(TURN_SEPARATOR) + " " + turn("$speaker")
-        + " }}{{- $turns = 2 }}",
-        "{{- else }}{{- $transcript = " + turn("$speaker") + " }}{{- $first = .Content }}{{- $turns = 1 }}{{- end }}",
-        "{{- $last = .Role }}",
-        "{{- end }}",
-        "{{- end }}",
-    ]
-    if style == "chatdoctor":
-        lines += [
-            '{{- if ne $last "assistant" }}{{- $history = print $history ' + string_literal(TURN_SEPARATOR) + " "
-            + go_format(TURN, role=string_literal(DOCTOR), text='""') + " }}{{- end }}",
-            "{{- " + go_format(CHATDOCTOR_PROMPT, instruction="$instruction", history="$history") + " }}",
-        ]
-        return "\n".join(lines)
-    with_input, input_header = split_response_header(PROMPT_DICT["prompt_input"])
-    without_input, no_input_header = split_response_header(PROMPT_DICT["prompt_no_input"])
-    lines += [
-        "{{- $input := $transcript }}{{- if eq $turns 1 }}{{- $input = $first }}{{- end }}",
-        '{{- if eq $input "" }}{{- ' + go_format(without_input, instruction="$instruction") + " }}{{- "
-        + string_literal(no_input_header) + " }}",
-        "{{- else }}{{- " + go_format(with_input, instruction="$instruction", input="$input") + " }}{{- "
-        + string_literal(input_header) + " }}{{- end }}",
-    ]
-    return "\n".join(lines)
-
 
 def modelfile_text(gguf_name, style, eos_token, source):
     stops = [*STOP_STRINGS, *([eos_token] if eos_token else [])]

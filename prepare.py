@@ -21,9 +21,10 @@ import sys
 import zipfile
 from pathlib import Path
 
-from chat import chat_template_for, prompt_style_for
+from prompts import PROMPT_STYLES, chat_template_for, format_context, grounded_message
 from utils import (ALPACA_SAMPLE_PATH, BUNDLED_SHA256, DISEASE_DB_PATH, GENMEDGPT_PATH, DataError, ModelLoadError,
-                   PROMPT_STYLES, check_model_path, fail, is_alpaca_sample, load_records, sha256_of, write_atomic, write_json_atomic)
+                   check_model_path, fail, is_alpaca_sample, load_records, prompt_style_for, sha256_of, write_atomic,
+                   write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent
 HELDOUT_SIZE = 200  # GenMedGPT records kept out of training for eval.py
@@ -96,12 +97,11 @@ def make_retrieval_data(source=ROOT / "data" / "genmedgpt_train.json", out=RETRI
     the entries retrieved for that message alone, exactly as chat.py and eval.py ground it at answer time. The
     retriever's real misses stay in, so the model learns to use good context and to get by without it."""
     import knowledge
-    from utils import grounded_message
 
     records = load_records(source)
     base = knowledge.load_knowledge(spec or knowledge.DEFAULT_KNOWLEDGE)
     hits = base.search_batch([r["input"] or r["instruction"] for r in records], k or knowledge.DEFAULT_K)
-    grounded = [dict(r, input=grounded_message(r["input"] or r["instruction"], knowledge.format_context(h)))
+    grounded = [dict(r, input=grounded_message(r["input"] or r["instruction"], format_context(h)))
                 for r, h in zip(records, hits)]
     write_json_atomic(out, grounded)
     return grounded

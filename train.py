@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # batched tokenization is parallel in Rust
 
@@ -31,9 +31,9 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-import chat
 import checkpoints
 import machine
+import prompts
 import utils
 from checkpoints import AtomicCheckpointTrainer, OutputDirError
 from utils import DataError, ModelLoadError, logger
@@ -72,6 +72,9 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "Sequences are truncated to this many tokens."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "AdamW as one fused kernel (same update)."})
     packing: bool = field(default=False, metadata={"help": "Padding-free batches: examples concatenated in one row."})
+    cpu_bf16: str = field(default="auto", metadata={
+        "help": "--bf16 without CUDA: auto = CPU autocast only where the CPU has a native bf16 matmul, else fp32; "
+                "force = CPU autocast anyway (to measure it)", "choices": ["auto", "force"]})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh instead of resuming."})
     # Flags of the 2023 command that transformers 5 no longer knows; mapped in __post_init__.
     evaluation_strategy: Optional[str] = field(default=None, metadata={"help": "Legacy: --eval_strategy."})
@@ -99,6 +102,17 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+@dataclass
+class Variations:
+    """What a benchmark varies beyond the command line (bench/bench_train.py, bench/bench_gpu.py); the recipe
+    itself runs with the defaults."""
+    attn_implementation: Optional[str] = None  # the attention kernel to load the model with (None: transformers')
+    packed_attention: bool = True  # --packing: one causal attention per example; False: the model's own, whole row
+    collator: Optional[Callable] = None  # the default collator -> the collator to use (e.g. one that counts tokens)
+    callbacks: tuple = ()  # TrainerCallbacks added to the Trainer
+    save_final_model: bool = True
+
+
 def map_legacy_flags(args):
     if args.evaluation_strategy is not None:
         args.eval_strategy = args.evaluation_strategy
@@ -119,7 +133,7 @@ def adapt_to_hardware(args):
         logger.info("not launched by torchrun: --fsdp dropped (FSDP shards across processes)")
     if torch.cuda.is_available():
         # SDPA with a padding mask picks cuDNN attention on Hopper, which rebuilds its graph for each new batch
-        # shape: ~3 ms of CPU per call, half of every padded step on an H200 (docs/BENCHMARKS.md, GPU section).
+        # shape on the CPU, a large part of every padded step (docs/BENCHMARKS.md, GPU section).
         torch.backends.cuda.enable_cudnn_sdp(False)
         return
     if args.fsdp:
@@ -131,7 +145,7 @@ def adapt_to_hardware(args):
     if not args.use_cpu:
         args.use_cpu = True  # without it, CPU ranks under torchrun silently train unlinked
         logger.info("no CUDA: training on CPU (use_cpu=True)")
-    if args.bf16 and not machine.cpu_has_native_bf16():
+    if args.bf16 and args.cpu_bf16 == "auto" and not machine.cpu_has_native_bf16():
         args.bf16 = False  # autocast then falls back to a scalar bf16 matmul, many times slower than fp32
         logger.info("no CUDA: --bf16 dropped, fp32 instead (this CPU has no native bf16 matmul; docs/BENCHMARKS.md)")
     elif args.bf16:
@@ -306,7 +320,7 @@ def save_final_model(trainer, tokenizer, output_dir, trust_remote_code=False):
     if trainer.is_world_process_zero():
         # Serving engines (vLLM, TGI, llama.cpp) prompt with the tokenizer's chat template: make it the prompt
         # the model trained on, not the base model's.
-        tokenizer.chat_template = chat.chat_template_for(TRAINED_PROMPT_STYLE)
+        tokenizer.chat_template = prompts.chat_template_for(TRAINED_PROMPT_STYLE)
         for folder in dict.fromkeys((staging, saved)):  # a LoRA adapter folder loads on its own too
             tokenizer.save_pretrained(folder)  # (it may hold the pad token ensure_pad_token added)
             utils.write_json_atomic(folder / utils.PROMPT_STYLE_FILE, {"prompt_style": TRAINED_PROMPT_STYLE})
@@ -342,7 +356,7 @@ def draw_loss_plot(log_history, png_path):
         plot_loss.save_loss_plot(log_history, png_path)
     except Exception as e:  # noqa: BLE001 - fonts, backend, disk: none of them may cost the trained model
         Path(png_path).unlink(missing_ok=True)
-        logger.warning(f"loss plot not written ({utils._first_line(e)}); the model in {Path(png_path).parent} "
+        logger.warning(f"loss plot not written ({utils.first_line(e)}); the model in {Path(png_path).parent} "
                        "is complete (python plot_loss.py can draw it from trainer_state.json)")
 
 
@@ -357,7 +371,7 @@ def parse_args(argv=None):
     except ArgumentsError:
         raise
     except ValueError as e:  # TrainingArguments' own checks (e.g. --bf16 on a CPU that lacks it)
-        raise ArgumentsError(utils._first_line(e)) from None
+        raise ArgumentsError(utils.first_line(e)) from None
     if unknown:
         raise ArgumentsError(unknown_flags_message(unknown, known_flags()))
     check_args(*parsed)
@@ -430,14 +444,14 @@ def lora_problems(args):
 
 def check_prompt_fits(tokenizer, max_length):
     """The shortest possible prompt plus one response token must fit in model_max_length."""
-    empty_prompt = utils.build_prompt({"instruction": "", "input": "", "output": ""})
+    empty_prompt = prompts.build_prompt({"instruction": "", "input": "", "output": ""})
     needed = len(tokenizer(empty_prompt)["input_ids"]) + 2  # + one response token + EOS
     if max_length < needed:
         raise ArgumentsError(f"--model_max_length {max_length} is too short: the prompt template alone takes "
                              f"{needed - 2} tokens; use at least {needed} (the paper uses 512)")
 
 
-def train(argv=None):
+def train(argv=None, variations=Variations()):
     model_args, data_args, training_args = parse_args(argv)
 
     utils.check_model_path(model_args.model_name_or_path)
@@ -458,22 +472,26 @@ def train(argv=None):
     model = utils.load_model(
         model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code,
         **quantization_kwargs(training_args),
+        **({"attn_implementation": variations.attn_implementation} if variations.attn_implementation else {}),
     )
     utils.ensure_pad_token(tokenizer, model)
-    if training_args.packing:
+    if training_args.packing and variations.packed_attention:
         logger.info(f"--packing: attention {utils.use_packed_attention(model)} (one causal attention per example)")
     if training_args.lora_r:
         model = apply_lora(model, training_args, model_args.model_name_or_path)
     configure_fsdp(training_args, model)
 
+    collator = make_collator(training_args, tokenizer)
     trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=make_collator(training_args, tokenizer), processing_class=tokenizer, fingerprint=fingerprint,
+        data_collator=variations.collator(collator) if variations.collator else collator, processing_class=tokenizer,
+        fingerprint=fingerprint, callbacks=list(variations.callbacks) or None,
     )
     logger.info(f"strategy: {describe_strategy(trainer)}")
     trainer.train(resume_from_checkpoint=resume)
-    save_final_model(trainer, tokenizer, training_args.output_dir, model_args.trust_remote_code)
-    logger.info(f"saved {training_args.output_dir}")
+    if variations.save_final_model:
+        save_final_model(trainer, tokenizer, training_args.output_dir, model_args.trust_remote_code)
+        logger.info(f"saved {training_args.output_dir}")
     return trainer
 
 

@@ -1,4 +1,4 @@
-"""What train.py, chat.py and eval.py share: prompt templates, data readers, tokenization, model loading.
+"""What train.py, chat.py and eval.py share: data readers, tokenization, model loading (the prompt is prompts.py's).
 
 Every reader raises DataError (bad data) or ModelLoadError (bad model folder) with a one-line message
 naming the file, the record and the field; the scripts print it and exit non-zero, with no traceback.
@@ -14,44 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from prompts import CHATDOCTOR_INSTRUCTION, DEFAULT_PROMPT_STYLE, PROMPT_DICT, PROMPT_STYLES, build_prompt
+
 logger = logging.getLogger("chatdoctor")
 
 IGNORE_INDEX = -100
-# The Stanford Alpaca templates, verbatim: ChatDoctor trains on them.
-PROMPT_DICT = {
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-    ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:"
-    ),
-}
-# The instruction of every HealthCareMagic / iCliniq record and of the original chat prompt.
-CHATDOCTOR_INSTRUCTION = (
-    "If you are a doctor, please answer the medical questions based on the patient's description."
-)
-# How retrieved knowledge enters a prompt (chat.py, eval.py, and the retrieval-aware training set of prepare.py).
-KNOWLEDGE_HEADER = "Possibly relevant entries of the medical knowledge base:"
-
-
-def grounded_message(message, context):
-    """The patient's message followed by the retrieved entries (knowledge.format_context); the message alone
-    when nothing was retrieved."""
-    return f"{message}\n\n{KNOWLEDGE_HEADER}\n{context}" if context else message
-
-
 # train.py writes this file into the model it saves: how the model was trained to be prompted, so that
 # chat.py and eval.py prompt it the same way (a model from elsewhere has none).
 PROMPT_STYLE_FILE = "chatdoctor.json"
-PROMPT_STYLES = ("chatdoctor", "alpaca")
-SAFETY_NOTICE = (
-    "ChatDoctor is a research model, not a doctor: its answers can be wrong or harmful. "
-    "Do not use them for medical decisions; see a qualified clinician."
-)
 # The data the repository carries (data/README.md: sources, record counts, sha256, licences).
 ROOT = Path(__file__).resolve().parent
 GENMEDGPT_PATH = ROOT / "data" / "chatdoctor5k.json"
@@ -186,8 +156,8 @@ def _parse_json_records(path, text):
         except RecursionError:
             raise DataError(f"{path}: JSON nested too deeply") from None
         except json.JSONDecodeError as e:
-            first_line = text.lstrip().split("\n", 1)[0]
-            if not (first_line.startswith("{") and "\n" in text.strip()):
+            head = text.lstrip().split("\n", 1)[0]
+            if not (head.startswith("{") and "\n" in text.strip()):
                 raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
             is_jsonl = True  # a .json file holding JSON Lines
         else:
@@ -274,12 +244,6 @@ def load_data(data_path):
 
 
 # ----------------------------------------------------------------------------- tokenization
-
-def build_prompt(record):
-    """The Alpaca prompt for one record: the with-input template only when input is non-empty."""
-    template = PROMPT_DICT["prompt_input"] if record.get("input", "") != "" else PROMPT_DICT["prompt_no_input"]
-    return template.format_map(record)
-
 
 def tokenize_supervised(records, tokenizer, max_length):
     """Records -> [{'input_ids', 'labels'}], loss only on the response (which ends in EOS).
@@ -481,6 +445,11 @@ def recorded_prompt_style(model_path):
     return style
 
 
+def prompt_style_for(model_path, requested=None):
+    """The style to prompt `model_path` with: the one asked for, else the one it was trained on, else the default."""
+    return requested or recorded_prompt_style(model_path) or DEFAULT_PROMPT_STYLE
+
+
 def _looks_like_hub_id(name):
     return not os.path.isabs(name) and not name.startswith((".", "~")) and name.count("/") == 1
 
@@ -551,7 +520,7 @@ def _from_pretrained(auto_class, what, path, **kwargs):
     try:
         return auto_class.from_pretrained(str(path), **kwargs)
     except Exception as e:  # transformers raises many kinds, some with multi-line text
-        raise ModelLoadError(f"{path}: cannot load {what} ({_first_line(e)})") from None
+        raise ModelLoadError(f"{path}: cannot load {what} ({first_line(e)})") from None
 
 
 # The 2023 LLaMA conversions (the paper's base model) used class names that were renamed Llama* before release.
@@ -593,7 +562,7 @@ def _sentencepiece_special_tokens(folder, names):
     try:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     except (OSError, RuntimeError) as e:
-        raise ModelLoadError(f"{folder}: cannot read tokenizer.model ({_first_line(e)})") from None
+        raise ModelLoadError(f"{folder}: cannot read tokenizer.model ({first_line(e)})") from None
     ids = {name: getattr(sp, SENTENCEPIECE_SPECIAL_IDS[name])() for name in names}
     return {name: (sp.id_to_piece(i), i) for name, i in ids.items() if i >= 0}
 
@@ -683,7 +652,7 @@ def _load_with_adapter(path, **kwargs):
     try:
         model = PeftModel.from_pretrained(model, str(folder))
     except Exception as e:  # peft raises many kinds (size mismatch, unknown keys, bad config)
-        raise ModelLoadError(f"{path}: cannot apply the LoRA adapter to its base model ({_first_line(e)})") from None
+        raise ModelLoadError(f"{path}: cannot apply the LoRA adapter to its base model ({first_line(e)})") from None
     return model if "quantization_config" in kwargs else model.merge_and_unload()
 
 
@@ -709,7 +678,7 @@ def load_model_and_tokenizer(path, dtype=None, trust_remote_code=False):
     return model, tokenizer
 
 
-def _first_line(error):
+def first_line(error):
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
 

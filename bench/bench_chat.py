@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import chat  # noqa: E402
 import knowledge  # noqa: E402
 import machine  # noqa: E402
+import prompts  # noqa: E402
 from utils import load_data, load_model_and_tokenizer, relative, replace_markdown_section, write_json_atomic  # noqa: E402
 
 SECTION = "## Chat"
@@ -41,7 +42,7 @@ def decode_speed(model, tokenizer, new_tokens=128, repeats=3, static_cache=False
     import torch
     from transformers import StaticCache
 
-    ids = tokenizer(chat.build_chat_prompt([("Patient", "I have a fever and a cough.")], "alpaca"),
+    ids = tokenizer(prompts.build_chat_prompt([("Patient", "I have a fever and a cough.")], "alpaca"),
                     return_tensors="pt")["input_ids"]
     rates = []
     for _ in range(repeats):
@@ -103,7 +104,7 @@ def overhead_floor(model, tokens=64):
 def dialogue_timings(model, tokenizer, questions, reuse, max_new_tokens, knowledge_base=None):
     """Per turn: (prompt tokens, seconds to first token, seconds spent after the answer on the next prefix,
     seconds of retrieval within the first-token time)."""
-    c = chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, {"do_sample": False, "max_new_tokens": max_new_tokens,
+    c = chat.Chat(model, tokenizer, prompts.DEFAULT_PROMPT_STYLE, {"do_sample": False, "max_new_tokens": max_new_tokens,
                                                                "repetition_penalty": 1.1}, reuse_cache=reuse,
                   knowledge=knowledge_base)
     c.respond(questions[0])  # warm-up: the first call of a process pays one-time costs
@@ -166,7 +167,7 @@ def report(args, description, load_start, bandwidth, weights, decode, forward, p
              f"took them at {forward * weights / 1e9:.1f} GB/s, and chat.py does that on CPU. `--compile` runs each "
              "decoding step as one compiled graph, which removes most of the floor, at the price of compiling on "
              "the first answer and of attending over the whole static cache at every step.", "",
-             f"Time to first token in one greedy {chat.DEFAULT_PROMPT_STYLE}-style dialogue of held-out questions "
+             f"Time to first token in one greedy {prompts.DEFAULT_PROMPT_STYLE}-style dialogue of held-out questions "
              f"(answers up to {args.max_new_tokens} tokens become the history):", "",
              "| turn | prompt tokens | first token, cache reused | first token, re-encoded | "
              "after the answer: next prefix encoded |", "|---|---|---|---|---|"]
@@ -204,12 +205,6 @@ def report(args, description, load_start, bandwidth, weights, decode, forward, p
     return "\n".join(lines) + "\n"
 
 
-def relative(path):
-    """Paths under the repository as the reader's checkout would name them."""
-    text = str(path)
-    return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + os.sep) else text
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
@@ -227,7 +222,7 @@ def main():
     args = p.parse_args()
 
     import torch
-    from eval import example_indices
+    from compare import spread_indices
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,7 +242,7 @@ def main():
           f"forward {plain['forward']:.1f} -> {forward:.1f} tok/s, generate {plain['generate']:.1f} -> {decode:.1f} "
           f"tok/s, overhead floor {floor * 1000:.1f} ms/token, --compile {compiled:.1f} tok/s "
           f"(compiling took {compile_s:.0f} s)", flush=True)
-    questions = [records[i]["input"] for i in example_indices(len(records), args.turns)]
+    questions = [records[i]["input"] for i in spread_indices(len(records), args.turns)]
     reuse, answers_reuse = dialogue_timings(model, tokenizer, questions, True, args.max_new_tokens)
     fresh, answers_fresh = dialogue_timings(model, tokenizer, questions, False, args.max_new_tokens)
     if answers_reuse != answers_fresh:
@@ -258,7 +253,7 @@ def main():
                                        knowledge.load_knowledge(args.knowledge))
     styles = {}
     if args.styles:
-        picked = [records[i] for i in example_indices(len(records), args.styles)]
+        picked = [records[i] for i in spread_indices(len(records), args.styles)]
         penalties = [float(x) for x in args.style_penalties.split(",")]
         styles = {penalty: style_scores(model, tokenizer, picked, args.style_tokens, penalty) for penalty in penalties}
     text = report(args, description, load_start, bandwidth, weights, decode, forward, plain, floor,

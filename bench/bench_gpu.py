@@ -160,13 +160,9 @@ def main():
     if args.worker:  # inside torchrun: one configuration through train.train()
         flags, attn = configurations()[args.worker]
         bench_train.CONFIGS[args.worker] = SEED_FLAGS + flags
-        if attn != "sdpa":  # train.py loads with the default (sdpa); the benchmark swaps the kernel
-            import utils
-
-            load_model = utils.load_model
-            utils.load_model = lambda *a, **kw: load_model(*a, attn_implementation=attn, **kw)
         args.max_length, args.threads, args.data_path = 512, None, bench_train.DATA
-        return bench_train.worker(args.worker, args, args.out)
+        # train.py loads with transformers' default (sdpa); the benchmark swaps the kernel
+        return bench_train.worker(args.worker, args, args.out, None if attn == "sdpa" else attn)
     if args.from_json:
         results_list = [json.loads(Path(path).read_text()) for path in args.from_json]
     else:

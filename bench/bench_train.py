@@ -90,12 +90,11 @@ def current_rss_bytes():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(name, args, out_path):
+def worker(name, args, out_path, attn_implementation=None):
     """One configuration in this process: train.train() with a timing callback and a counting collator."""
     import torch
     from transformers import TrainerCallback
 
-    import machine
     import train
     import utils
 
@@ -112,15 +111,10 @@ def worker(name, args, out_path):
             return batch
         return wrapped
 
-    make_collator = train.make_collator
-    if name == "packing_block_mask":  # keeps the model's own SDPA, which masks the whole row
-        utils.use_packed_attention = lambda model: model.config._attn_implementation
     if name in ("packing_block_mask", "packing_all_logits"):
-        train.make_collator = lambda a, t: counting(partial(utils.collate_packed, logits_only_where_supervised=False))
+        collator = lambda default: counting(partial(utils.collate_packed, logits_only_where_supervised=False))  # noqa: E731
     else:
-        train.make_collator = lambda a, t: counting(make_collator(a, t))
-    if "bf16" in name:
-        machine.cpu_has_native_bf16 = lambda flags=None: True  # measure bf16 even where train.py turns it off
+        collator = counting
 
     step_times = []
 
@@ -141,13 +135,10 @@ def worker(name, args, out_path):
                 torch.cuda.synchronize()  # a GPU step has only been queued when the callback runs
             step_times.append(time.perf_counter() - self.start)
 
-    class TimedTrainer(train.AtomicCheckpointTrainer):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.add_callback(Timer())
-
-    train.AtomicCheckpointTrainer = TimedTrainer
-    train.save_final_model = lambda *a, **kw: None  # not part of the step time
+    # packing_block_mask keeps the model's own SDPA, which masks the whole row; the final save is not a step.
+    variations = train.Variations(attn_implementation=attn_implementation,
+                                  packed_attention=name != "packing_block_mask", collator=collator,
+                                  callbacks=(Timer(),), save_final_model=False)
 
     records = utils.load_data(args.data_path or DATASETS[dataset_of(name)])[: args.records]
     data_file = Path(out_path).with_suffix(".data.json")
@@ -158,8 +149,8 @@ def worker(name, args, out_path):
             str(args.batch_size), "--gradient_accumulation_steps", "1", "--learning_rate", "2e-5",
             "--model_max_length", str(args.max_length), "--logging_steps", "1", "--save_strategy", "no",
             "--report_to", "none", "--seed", "42", "--cache_dir", str(Path(out_dir) / "tok"),
-            "--dataloader_num_workers", "0"] + CONFIGS[name]
-    trainer = train.train(argv)
+            "--dataloader_num_workers", "0"] + CONFIGS[name] + (["--cpu_bf16", "force"] if "bf16" in name else [])
+    trainer = train.train(argv, variations)  # bf16 rows are measured even where train.py would train in fp32
     model = trainer.model
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as the LM head

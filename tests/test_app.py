@@ -23,6 +23,7 @@ os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not look for driver
 
 import app  # noqa: E402
 import chat  # noqa: E402
+import prompts  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
 
@@ -55,7 +56,7 @@ class ScriptedChat:
         for chunk in self.chunks:
             time.sleep(self.pause)
             on_text(chunk)
-        self.turns += [(chat.PATIENT, message), (chat.DOCTOR, "".join(self.chunks))]
+        self.turns += [(prompts.PATIENT, message), (prompts.DOCTOR, "".join(self.chunks))]
         return "".join(self.chunks)
 
 
@@ -83,7 +84,7 @@ def test_answer_streams_into_the_page_and_the_history():
     assert len(states) >= 3 and all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:]))
     assert answers[-1] == app.answer_prefix() + "Rest and fluids."
     assert [m["role"] for m in session.shown] == ["assistant", "user", "assistant"]
-    assert session.chat.turns == [(chat.PATIENT, "My knee hurts."), (chat.DOCTOR, "Rest and fluids.")]
+    assert session.chat.turns == [(prompts.PATIENT, "My knee hurts."), (prompts.DOCTOR, "Rest and fluids.")]
 
 
 def test_red_flag_notice_comes_before_the_answer():
@@ -113,7 +114,7 @@ def test_an_error_is_one_short_line_on_the_page_and_the_dialogue_goes_on():
     session.chat.error = None
     run_answer(session, "Hello again?")  # the session's lock was let go
     assert message_text(session.shown[-1]).endswith("Rest and fluids.")
-    assert session.chat.turns[0] == (chat.PATIENT, "Hello again?")
+    assert session.chat.turns[0] == (prompts.PATIENT, "Hello again?")
 
 
 def test_closing_the_page_stops_the_answer_and_forgets_it():
@@ -139,10 +140,11 @@ def test_over_long_messages_are_cut_with_a_notice(tiny_model_dir):
 def test_page_settings_become_chat_generation_settings():
     args = app.parse_args(["--max_new_tokens", "50", "--repetition_penalty", "1.3"])
     assert args.host == "127.0.0.1" and args.port == 7860 and not hasattr(args, "prompt")
-    sampled = app.settings_for(args, False, 0.7, 40, 0.9, 30)
+    generation = chat.settings_from(args, chat.GenerationSettings)
+    sampled = app.settings_for(generation, False, 0.7, 40, 0.9, 30)
     assert sampled == {"max_new_tokens": 30, "repetition_penalty": 1.3, "do_sample": True, "temperature": 0.7,
                        "top_k": 40, "top_p": 0.9}
-    assert app.settings_for(args, False, 0, 40, 0.9, 30)["do_sample"] is False  # temperature 0 is greedy
+    assert app.settings_for(generation, False, 0, 40, 0.9, 30)["do_sample"] is False  # temperature 0 is greedy
 
 
 def test_bad_model_path_is_one_line_and_no_server(tmp_path):
@@ -262,7 +264,7 @@ class Page:
     def __init__(self, url, **size):
         self.browser = chromium(**size)
         self.browser.get(url)
-        self.wait_for(lambda: chat.GREETING in self.conversation())
+        self.wait_for(lambda: prompts.GREETING in self.conversation())
 
     def text(self, css="body"):
         from selenium.webdriver.common.by import By
@@ -288,7 +290,7 @@ class Page:
     def answer(self):
         """The text after the last 'ChatDoctor:' of the conversation, once the answer is complete."""
         self.wait_for(lambda: not self.busy())
-        return self.conversation().rsplit(f"{chat.DOCTOR}:", 1)[1].strip()
+        return self.conversation().rsplit(f"{prompts.DOCTOR}:", 1)[1].strip()
 
     def busy(self):
         from selenium.webdriver.common.by import By
@@ -321,7 +323,7 @@ def test_page_shows_the_banner_and_streams_an_answer(page):
     page.wait_for(lambda: lengths.add(len(page.conversation())) or not page.busy())
     assert page.answer() and len(lengths) >= 2  # the page changed while the answer was being written
     conversation = page.conversation()
-    assert conversation.index("I have a headache") < conversation.rindex(f"{chat.DOCTOR}:")
+    assert conversation.index("I have a headache") < conversation.rindex(f"{prompts.DOCTOR}:")
 
 
 @pytest.mark.slow
@@ -331,7 +333,7 @@ def test_new_conversation_clears_the_page(page):
     assert page.answer()
     page.click("#reset")
     page.wait_for(lambda: "My ear hurts." not in page.conversation())
-    assert chat.GREETING in page.conversation()
+    assert prompts.GREETING in page.conversation()
 
 
 @pytest.mark.slow
@@ -341,7 +343,7 @@ def test_red_flag_message_shows_the_emergency_notice(page):
     page.wait_for(lambda: "This may be an emergency" in page.conversation())
     conversation = page.conversation()
     assert "emergency number" in conversation
-    assert conversation.index("This may be an emergency") < conversation.rindex(f"{chat.DOCTOR}:")  # above the answer
+    assert conversation.index("This may be an emergency") < conversation.rindex(f"{prompts.DOCTOR}:")  # above the answer
 
 
 @pytest.mark.slow

@@ -79,12 +79,6 @@ def test_fewshot_prompt_is_lm_evals_exact_string(tmp_path):
     assert B.fewshot_context(B.BENCHMARKS["pubmedqa"], pubmed, 1, 1) == f"{pubmed[0].context} maybe\n\n{pubmed[1].context}"
 
 
-def test_question_indices_spread_over_the_file():
-    assert B.question_indices(10, 0) == list(range(10))
-    assert B.question_indices(10, 20) == list(range(10))
-    assert B.question_indices(10, 4) == [0, 2, 5, 7]
-
-
 @pytest.mark.parametrize("name, lines, message", [
     ("medqa", None, "medqa.jsonl: file not found"),
     ("medqa", [MEDQA, '{"question": "broken'], "medqa.jsonl: line 2: not valid JSON"),

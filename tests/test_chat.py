@@ -6,8 +6,9 @@ import time
 import pytest
 
 import chat
+import prompts
 from conftest import Terminal, tiny_args
-from utils import CHATDOCTOR_INSTRUCTION, PROMPT_DICT
+from prompts import CHATDOCTOR_INSTRUCTION, PROMPT_DICT
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.1, "max_new_tokens": 8}
 
@@ -36,7 +37,7 @@ def words(text):
 
 def test_chatdoctor_prompt_is_the_original_text():
     turns = [("Patient", "I have a cough."), ("ChatDoctor", "How long?"), ("Patient", "Two weeks.")]
-    assert chat.build_chat_prompt(turns, "chatdoctor") == (
+    assert prompts.build_chat_prompt(turns, "chatdoctor") == (
         "If you are a doctor, please answer the medical questions based on the patient's description. \n\n"
         "ChatDoctor: I am ChatDoctor, what medical questions do you have?\n\n"
         "Patient: I have a cough.\n\nChatDoctor: How long?\n\nPatient: Two weeks.\n\nChatDoctor: "
@@ -44,14 +45,14 @@ def test_chatdoctor_prompt_is_the_original_text():
 
 
 def test_alpaca_prompt_single_question_is_a_training_record():
-    prompt = chat.build_chat_prompt([("Patient", "I have a cough.")], "alpaca")
+    prompt = prompts.build_chat_prompt([("Patient", "I have a cough.")], "alpaca")
     assert prompt == PROMPT_DICT["prompt_input"].format(instruction=CHATDOCTOR_INSTRUCTION, input="I have a cough.")
     assert prompt.endswith("### Input:\nI have a cough.\n\n### Response:")
 
 
 def test_alpaca_prompt_dialogue_goes_into_the_input():
     turns = [("Patient", "I have a cough."), ("ChatDoctor", "How long?"), ("Patient", "Two weeks.")]
-    assert chat.build_chat_prompt(turns, "alpaca").endswith(
+    assert prompts.build_chat_prompt(turns, "alpaca").endswith(
         "### Input:\nPatient: I have a cough.\n\nChatDoctor: How long?\n\nPatient: Two weeks.\n\n### Response:"
     )
 
@@ -59,8 +60,8 @@ def test_alpaca_prompt_dialogue_goes_into_the_input():
 @pytest.mark.parametrize("style", ["chatdoctor", "alpaca"])
 def test_next_turn_prefix_starts_the_next_prompt(style):
     history = [("Patient", "I have a cough."), ("ChatDoctor", "How long?")]
-    prefix = chat.next_turn_prefix(history, style)
-    assert chat.build_chat_prompt(history + [("Patient", "Two weeks.")], style).startswith(prefix)
+    prefix = prompts.next_turn_prefix(history, style)
+    assert prompts.build_chat_prompt(history + [("Patient", "Two weeks.")], style).startswith(prefix)
     assert prefix.endswith("ChatDoctor: How long?\n\nPatient: ")
 
 
@@ -75,31 +76,31 @@ def dialogue(n_exchanges, newest="what now"):
 
 def test_fit_history_keeps_everything_that_fits():
     turns = dialogue(3)
-    assert chat.fit_history(turns, "chatdoctor", words, budget=10_000) == (turns, None)
+    assert prompts.fit_history(turns, "chatdoctor", words, budget=10_000) == (turns, None)
 
 
 def test_fit_history_drops_oldest_exchanges_first():
     turns = dialogue(5)
-    full = words(chat.build_chat_prompt(turns, "chatdoctor"))
-    kept, notice = chat.fit_history(turns, "chatdoctor", words, budget=full - 50)
+    full = words(prompts.build_chat_prompt(turns, "chatdoctor"))
+    kept, notice = prompts.fit_history(turns, "chatdoctor", words, budget=full - 50)
     assert notice is None
     assert kept == turns[4:]  # two exchanges (4 turns) dropped, from the oldest
-    assert words(chat.build_chat_prompt(kept, "chatdoctor")) <= full - 50
+    assert words(prompts.build_chat_prompt(kept, "chatdoctor")) <= full - 50
 
 
 def test_fit_history_keeps_newest_turn_and_instruction():
     turns = dialogue(4, newest="my knee hurts")
-    kept, notice = chat.fit_history(turns, "alpaca", words, budget=70)
+    kept, notice = prompts.fit_history(turns, "alpaca", words, budget=70)
     assert notice is None and kept == [("Patient", "my knee hurts")]
-    assert CHATDOCTOR_INSTRUCTION in chat.build_chat_prompt(kept, "alpaca")
+    assert CHATDOCTOR_INSTRUCTION in prompts.build_chat_prompt(kept, "alpaca")
 
 
 def test_fit_history_cuts_an_overlong_message_with_a_notice(tokenizer):
     count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
     long_message = "My stomach hurts after every meal. " * 200
-    kept, notice = chat.fit_history(dialogue(2, newest=long_message), "alpaca", count, budget=300)
+    kept, notice = prompts.fit_history(dialogue(2, newest=long_message), "alpaca", count, budget=300)
     assert len(kept) == 1 and long_message.startswith(kept[0][1]) and len(kept[0][1]) > 100
-    assert count(chat.build_chat_prompt(kept, "alpaca")) <= 300
+    assert count(prompts.build_chat_prompt(kept, "alpaca")) <= 300
     assert "too long" in notice and "first" in notice
 
 
@@ -109,7 +110,7 @@ def test_chat_trims_to_the_context_window(tiny):
     for question in ["first " * 30, "second " * 30, "third " * 30]:
         c.respond(question)
         assert c.turns[0][0] == "Patient" and c.turns[-2] == ("Patient", question)
-        assert c.count_tokens(chat.build_chat_prompt(c.turns[:-1], "chatdoctor")) <= 160 - 8
+        assert c.count_tokens(prompts.build_chat_prompt(c.turns[:-1], "chatdoctor")) <= 160 - 8
     assert c.turns[0][1] != "first " * 30
 
 
@@ -126,7 +127,7 @@ def test_chat_trims_to_the_context_window(tiny):
     ("Take rest. \ufffd", ("Take rest.", False)),  # half a UTF-8 character
 ])
 def test_visible_answer(text, expected):
-    assert chat.visible_answer(text) == expected
+    assert prompts.visible_answer(text) == expected
 
 
 def test_streamer_never_shows_the_stop_string(tokenizer):
@@ -203,7 +204,7 @@ def test_cache_reuse_gives_the_same_greedy_answers_and_encodes_less(tiny):
             encoded.clear()
             runs[reuse] = answers + [c.respond(questions[-1])]
             runs[reuse, "prefill"] = encoded[0]  # the first forward of the last turn encodes its prompt
-            runs[reuse, "prompt"] = len(c.encode(chat.build_chat_prompt(c.turns[:-1], "alpaca")))
+            runs[reuse, "prompt"] = len(c.encode(prompts.build_chat_prompt(c.turns[:-1], "alpaca")))
     finally:
         hook.remove()
     assert runs[True] == runs[False] and all(runs[True])
@@ -283,7 +284,7 @@ def test_embedded_model_answers_a_medical_question(embedded):
 
 def expected_answers(tiny, questions):
     model, tokenizer = tiny
-    return chat.Chat(model, tokenizer, chat.DEFAULT_PROMPT_STYLE, GREEDY).respond_all(questions)
+    return chat.Chat(model, tokenizer, prompts.DEFAULT_PROMPT_STYLE, GREEDY).respond_all(questions)
 
 
 def test_one_shot_prints_only_the_answer(tiny, tiny_model_dir, capsys):
@@ -430,11 +431,14 @@ def test_terminal_ctrl_c_stops_the_answer_then_exits(tiny_model_dir):
 
 
 def test_generation_flags():
-    sampled = chat.generation_settings(chat.parse_args([]))
+    def generation_settings(args):
+        return chat.settings_from(args, chat.GenerationSettings).generate_kwargs()
+
+    sampled = generation_settings(chat.parse_args([]))
     assert sampled == {"max_new_tokens": 200, "repetition_penalty": 1.1, "do_sample": True, "temperature": 0.5,
                        "top_k": 50, "top_p": 1.0}
     assert chat.parse_args([]).model_path == "./pretrained"
     for flags in (["--greedy"], ["--temperature", "0"]):
-        assert chat.generation_settings(chat.parse_args(flags))["do_sample"] is False
+        assert generation_settings(chat.parse_args(flags))["do_sample"] is False
     with pytest.raises(SystemExit):
         chat.parse_args(["--top_p", "0"])

@@ -6,6 +6,7 @@ from conftest import Terminal, tiny_args
 
 import chat
 import knowledge
+import prompts
 import utils
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.1, "max_new_tokens": 10}
@@ -52,10 +53,10 @@ def test_grounded_prompt_carries_the_entries_with_the_newest_message_only(tiny):
     c.respond("It is red and swollen.")
     assert kb.queries == ["My big toe hurts at night.", "It is red and swollen."]
     newest = [p for p in prompts if "It is red and swollen." in p][0]
-    assert newest.count(utils.KNOWLEDGE_HEADER) == 1  # the first message's entries are not repeated
-    assert newest.index(utils.KNOWLEDGE_HEADER) > newest.index("It is red and swollen.")
+    assert newest.count(prompts.KNOWLEDGE_HEADER) == 1  # the first message's entries are not repeated
+    assert newest.index(prompts.KNOWLEDGE_HEADER) > newest.index("It is red and swollen.")
     assert "Gout | toe pain | uric acid | colchicine" in newest
-    assert c.turns[0] == (chat.PATIENT, "My big toe hurts at night.")  # the history keeps what the patient said
+    assert c.turns[0] == (prompts.PATIENT, "My big toe hurts at night.")  # the history keeps what the patient said
     assert c.last_hits[0][0].title == "Gout"
 
 
@@ -71,7 +72,7 @@ def test_kv_cache_serves_the_history_before_the_newest_grounded_message(tiny):
     model, tokenizer = tiny
     c = chat.Chat(model, tokenizer, "chatdoctor", GREEDY, knowledge=FakeKnowledge())
     c.respond("My big toe hurts at night.")
-    prefix = c.encode(chat.next_turn_prefix(c.turns, "chatdoctor"))
+    prefix = c.encode(prompts.next_turn_prefix(c.turns, "chatdoctor"))
     assert c.cached_ids == prefix  # the next turn only encodes its message and its entries
     assert 0 <= c.stats["retrieval_s"] <= c.stats["first_token_s"]  # what bench_chat reports per turn
 
@@ -177,5 +178,5 @@ def test_eval_runs_the_original_pipeline_as_released(tiny, disease_csv):
 
     chunks = knowledge.original_chunks(disease_csv)
     turns = [knowledge.original_answer(r["input"], complete, chunks) for r in records]
-    assert answers == [chat.visible_answer(t.answer + "\n")[0] for t in turns]
+    assert answers == [prompts.visible_answer(t.answer + "\n")[0] for t in turns]
     assert calls == [t.model_calls for t in turns] and all(c <= 6 for c in calls)

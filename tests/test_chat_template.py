@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import chat
 import prepare
-from utils import CHATDOCTOR_INSTRUCTION, PROMPT_DICT, build_prompt
+import prompts
+import utils
+from prompts import CHATDOCTOR_INSTRUCTION, PROMPT_DICT, build_prompt
 
 STYLES = ["chatdoctor", "alpaca"]
 AWKWARD = 'He said "it {{ hurts }}" {% raw %}\n\tthen {# fainted #}\\n and it\'s {%- endif %} }} %} ü 🤒'
@@ -28,7 +29,7 @@ def tokenizer_for(tokenizer):
     tokenizers = {}
     for style in STYLES:
         tokenizers[style] = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-        tokenizers[style].chat_template = chat.chat_template_for(style)
+        tokenizers[style].chat_template = prompts.chat_template_for(style)
     return tokenizers.__getitem__
 
 
@@ -41,7 +42,7 @@ def render(tokenizer, messages, add_generation_prompt=True):
 def test_rendered_messages_are_chat_pys_prompt(tokenizer_for, style, name):
     turns = DIALOGUES[name]
     tokenizer = tokenizer_for(style)
-    assert render(tokenizer, chat.messages_of(turns)) == chat.build_chat_prompt(turns, style)
+    assert render(tokenizer, prompts.messages_of(turns)) == prompts.build_chat_prompt(turns, style)
 
 
 def test_the_two_styles_are_the_original_text_and_the_training_record(tokenizer_for):
@@ -58,8 +59,8 @@ def test_the_two_styles_are_the_original_text_and_the_training_record(tokenizer_
 @pytest.mark.parametrize("name", DIALOGUES)
 def test_a_system_message_takes_the_place_of_the_instruction(tokenizer_for, style, name):
     turns, instruction = DIALOGUES[name], "Answer in one sentence. " + AWKWARD
-    rendered = render(tokenizer_for(style), chat.messages_of(turns, instruction))
-    assert rendered == chat.build_chat_prompt(turns, style, instruction=instruction)
+    rendered = render(tokenizer_for(style), prompts.messages_of(turns, instruction))
+    assert rendered == prompts.build_chat_prompt(turns, style, instruction=instruction)
     assert CHATDOCTOR_INSTRUCTION not in rendered
 
 
@@ -67,9 +68,9 @@ def test_a_system_message_takes_the_place_of_the_instruction(tokenizer_for, styl
 def test_without_generation_prompt_the_answer_header_is_left_off(tokenizer_for, style):
     turns = DIALOGUES["two questions"]
     tokenizer = tokenizer_for(style)
-    without = render(tokenizer, chat.messages_of(turns), add_generation_prompt=False)
+    without = render(tokenizer, prompts.messages_of(turns), add_generation_prompt=False)
     header = {"chatdoctor": "\n\nChatDoctor: ", "alpaca": "\n\n### Response:"}[style]
-    assert without + header == chat.build_chat_prompt(turns, style)
+    assert without + header == prompts.build_chat_prompt(turns, style)
 
 
 def test_alpaca_dialogue_ending_in_an_answer_is_a_training_record(tokenizer_for):
@@ -78,17 +79,17 @@ def test_alpaca_dialogue_ending_in_an_answer_is_a_training_record(tokenizer_for)
     answered = [("Patient", "I have a cough."), ("ChatDoctor", "Drink warm water.")]
     record = {"instruction": CHATDOCTOR_INSTRUCTION, "input": "I have a cough.", "output": "Drink warm water."}
     for add_generation_prompt in (True, False):
-        assert render(tokenizer, chat.messages_of(answered), add_generation_prompt) == (
+        assert render(tokenizer, prompts.messages_of(answered), add_generation_prompt) == (
             build_prompt(record) + record["output"] + tokenizer.eos_token)
     longer = DIALOGUES["three questions"] + [("ChatDoctor", "Rest.")]
-    assert render(tokenizer, chat.messages_of(longer)) == (
-        chat.build_chat_prompt(longer[:-1], "alpaca") + "Rest." + tokenizer.eos_token)
+    assert render(tokenizer, prompts.messages_of(longer)) == (
+        prompts.build_chat_prompt(longer[:-1], "alpaca") + "Rest." + tokenizer.eos_token)
 
 
 def test_chatdoctor_dialogue_ending_in_an_answer_is_the_transcript(tokenizer_for):
     turns = DIALOGUES["two questions"] + [("ChatDoctor", "Rest.")]
-    assert render(tokenizer_for("chatdoctor"), chat.messages_of(turns)) == (
-        chat.build_chat_prompt(turns[:-1], "chatdoctor") + "Rest.")
+    assert render(tokenizer_for("chatdoctor"), prompts.messages_of(turns)) == (
+        prompts.build_chat_prompt(turns[:-1], "chatdoctor") + "Rest.")
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -112,8 +113,8 @@ def test_any_text_renders_as_chat_pys_prompt(tokenizer_for, texts, instruction, 
     texts = texts if len(texts) % 2 else texts[:-1]  # the patient's turn is the newest
     turns = [("Patient" if i % 2 == 0 else "ChatDoctor", text) for i, text in enumerate(texts)]
     extra = {} if instruction is None else {"instruction": instruction}
-    assert render(tokenizer_for(style), chat.messages_of(turns, instruction)) == (
-        chat.build_chat_prompt(turns, style, **extra))
+    assert render(tokenizer_for(style), prompts.messages_of(turns, instruction)) == (
+        prompts.build_chat_prompt(turns, style, **extra))
 
 
 # ----------------------------------------------------------------------------- installed with the model
@@ -123,10 +124,10 @@ def assert_serves_chat_pys_prompt(model_dir, style):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # no project code
-    assert tokenizer.chat_template == chat.chat_template_for(style)
-    assert chat.prompt_style_for(model_dir) == style
+    assert tokenizer.chat_template == prompts.chat_template_for(style)
+    assert utils.prompt_style_for(model_dir) == style
     turns = DIALOGUES["three questions"]
-    assert render(tokenizer, chat.messages_of(turns)) == chat.build_chat_prompt(turns, style)
+    assert render(tokenizer, prompts.messages_of(turns)) == prompts.build_chat_prompt(turns, style)
 
 
 def test_train_py_saves_the_alpaca_template(trained_tiny_dir):

@@ -182,12 +182,6 @@ def _heldout_sample(tmp_path, n=3):
     return path, records
 
 
-def test_example_indices_spread_over_the_file():
-    assert ev.example_indices(200, 4) == [0, 50, 100, 150]
-    assert ev.example_indices(5, 0) == [0, 1, 2, 3, 4]
-    assert ev.example_indices(3, 10) == [0, 1, 2]
-
-
 def test_eval_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
     data, records = _heldout_sample(tmp_path, 4)
     out = tmp_path / "out"
@@ -310,14 +304,15 @@ def test_eval_scores_what_chat_says(tiny_model_dir, tmp_path, recorded):
     import shutil
 
     import chat
+    import prompts
     import utils
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     if recorded:
         (model_dir / utils.PROMPT_STYLE_FILE).write_text(json.dumps({"prompt_style": recorded}))
-    style = chat.prompt_style_for(model_dir)
-    assert style == (recorded or chat.DEFAULT_PROMPT_STYLE)
+    style = utils.prompt_style_for(model_dir)
+    assert style == (recorded or prompts.DEFAULT_PROMPT_STYLE)
     records = json.loads(GENMEDGPT_PATH.read_text())[:2]
     model, tok = utils.load_model_and_tokenizer(model_dir)
     ours = ev.generate_answers(model, tok, records, max_new_tokens=12, batch_size=1, style=style)

@@ -7,15 +7,15 @@ import subprocess
 import pytest
 import torch
 
-import chat
 import export_gguf
 import prepare
-from utils import CHATDOCTOR_INSTRUCTION
+import prompts
+from prompts import CHATDOCTOR_INSTRUCTION
 
 SAMPLES = [
     "Doctor, I have had a fever of 39.5 C for 3 days and my 2-year-old coughs.",
     "Patient: what's this rash?\n\nChatDoctor: <|im_end|> it's {{ nothing }} 1234567 émoji 🤒\t  spaces  ",
-    chat.build_chat_prompt([("Patient", "I have a cough."), ("ChatDoctor", "How long?"), ("Patient", "Weeks.")],
+    prompts.build_chat_prompt([("Patient", "I have a cough."), ("ChatDoctor", "How long?"), ("Patient", "Weeks.")],
                            "alpaca"),
 ]
 # Largest |logit difference| to the HF model, as a share of the largest |logit|: f16 rounds each weight to about
@@ -98,7 +98,7 @@ def test_gguf_round_trip_logits_tokens_and_template(sharp_tiny_dir, tmp_path, fi
     from_gguf = gguf_tokenizer(path)
     for text in SAMPLES:
         assert from_gguf(text).input_ids == hf_tokenizer(text).input_ids
-    assert from_gguf.chat_template == hf_tokenizer.chat_template == chat.chat_template_for("chatdoctor")
+    assert from_gguf.chat_template == hf_tokenizer.chat_template == prompts.chat_template_for("chatdoctor")
     assert from_gguf.eos_token == hf_tokenizer.eos_token
 
     fields, tensors = gguf_fields(path)
@@ -106,7 +106,7 @@ def test_gguf_round_trip_logits_tokens_and_template(sharp_tiny_dir, tmp_path, fi
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.eos_token_id"] == hf_tokenizer.eos_token_id
     assert fields["tokenizer.ggml.add_bos_token"] is False
-    assert fields["tokenizer.chat_template"] == chat.chat_template_for("chatdoctor")
+    assert fields["tokenizer.chat_template"] == prompts.chat_template_for("chatdoctor")
     assert tensors["blk.0.attn_q.weight"] == file_type.upper() and tensors["blk.0.attn_norm.weight"] == "F32"
     assert "output.weight" not in tensors  # tied to token_embd, as in the HF model
 
@@ -122,10 +122,10 @@ def test_trained_folder_exports_the_alpaca_template_and_a_modelfile(trained_tiny
     export_gguf.main([str(trained_tiny_dir), "--out", str(tmp_path / "chatdoctor.gguf"), "--type", "q8_0"])
     assert "alpaca prompt" in capsys.readouterr().out
     tokenizer = gguf_tokenizer(tmp_path / "chatdoctor.gguf")
-    assert tokenizer.chat_template == chat.chat_template_for("alpaca")
-    messages = chat.messages_of([("Patient", "I have a cough.")])
+    assert tokenizer.chat_template == prompts.chat_template_for("alpaca")
+    messages = prompts.messages_of([("Patient", "I have a cough.")])
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
-        chat.build_chat_prompt([("Patient", "I have a cough.")], "alpaca"))
+        prompts.build_chat_prompt([("Patient", "I have a cough.")], "alpaca"))
     modelfile = (tmp_path / "Modelfile").read_text()
     assert "FROM ./chatdoctor.gguf\n" in modelfile and "research model" in modelfile
     assert 'PARAMETER stop "Patient:"' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
@@ -138,13 +138,13 @@ def test_prepare_converts_an_exported_gguf_with_the_chatdoctor_template(sharp_ti
     gguf_path = export(sharp_tiny_dir, tmp_path / "tiny.gguf")
     converted = prepare.make_model(tmp_path / "converted", gguf_path=gguf_path)
     template = (converted / "chat_template.jinja").read_text()
-    assert template == chat.chat_template_for("chatdoctor") and "im_start" not in template
+    assert template == prompts.chat_template_for("chatdoctor") and "im_start" not in template
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(converted)
     turns = [("Patient", "I have a cough."), ("ChatDoctor", "How long?"), ("Patient", "Weeks.")]
-    assert tokenizer.apply_chat_template(chat.messages_of(turns), add_generation_prompt=True, tokenize=False) == (
-        chat.build_chat_prompt(turns, "chatdoctor"))
+    assert tokenizer.apply_chat_template(prompts.messages_of(turns), add_generation_prompt=True, tokenize=False) == (
+        prompts.build_chat_prompt(turns, "chatdoctor"))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -225,9 +225,9 @@ def test_ollama_template_renders_chat_pys_prompt(go_renderer, style):
                   [("Patient", "a"), ("ChatDoctor", awkward), ("Patient", "b"), ("ChatDoctor", "c"), ("Patient", "d")]):
         for instruction in (None, "Answer briefly."):
             extra = {} if instruction is None else {"instruction": instruction}
-            rendered = go_renderer(export_gguf.ollama_template(style), chat.messages_of(turns, instruction))
-            assert rendered == chat.build_chat_prompt(turns, style, **extra)
-    assert CHATDOCTOR_INSTRUCTION in go_renderer(export_gguf.ollama_template(style), [])
+            rendered = go_renderer(prompts.ollama_template(style), prompts.messages_of(turns, instruction))
+            assert rendered == prompts.build_chat_prompt(turns, style, **extra)
+    assert CHATDOCTOR_INSTRUCTION in go_renderer(prompts.ollama_template(style), [])
 
 
 # ----------------------------------------------------------------------------- the real model

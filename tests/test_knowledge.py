@@ -1,14 +1,13 @@
 """knowledge.py: readers, bad inputs, retrieval, the on-disk cache, prompt text, and the original pipeline."""
 import csv
 import io
-import json
 from pathlib import Path
 
 import pytest
 
 import knowledge
-from knowledge import (Entry, format_context, load_knowledge, original_answer, original_chunks, read_entries,
-                       sources_line)
+from knowledge import Entry, load_knowledge, original_answer, original_chunks, read_entries
+from prompts import format_context, sources_line
 from utils import DataError
 
 ROOT = Path(__file__).resolve().parent.parent

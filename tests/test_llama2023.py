@@ -222,8 +222,9 @@ def test_chat_answers_one_prompt_with_the_trained_folder(trained, capsys):
     assert chat.main(argv) == 0
     printed, err = capsys.readouterr()
     args = chat.parse_args(argv)
-    model, tokenizer, _, _ = chat.load_chat_model(args)
-    session = chat.make_chat(args, model, tokenizer)
+    settings = chat.settings_from(args, chat.EngineSettings)
+    model, tokenizer, _, _ = chat.load_chat_model(settings)
+    session = chat.Engine(settings, model, tokenizer).new_chat(chat.settings_from(args, chat.GenerationSettings))
     assert session.encode(QUESTION)[0] == tokenizer.bos_token_id
     expected = session.respond(QUESTION)
     assert expected and printed == expected + "\n"
