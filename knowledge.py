@@ -393,7 +393,7 @@ def _scaled(scores):
     return scores / top if top > 0 else scores
 
 
-def _top(scores, k):
+def top_indices(scores, k):
     """Indices of the k highest scores, best first; ties go to the earlier entry."""
     k = min(k, len(scores))
     if k <= 0:
@@ -474,8 +474,8 @@ class KnowledgeBase:
             candidates = slice(None)
         else:  # approximate: cosines only for the HNSW, BM25 and title candidates
             _, ids = self.dense_index.search(query_vector[None, :], CANDIDATES)
-            candidates = np.unique(np.concatenate([ids[0][ids[0] >= 0], _top(words, CANDIDATES),
-                                                   _top(phrases, CANDIDATES), np.flatnonzero(title)]))
+            candidates = np.unique(np.concatenate([ids[0][ids[0] >= 0], top_indices(words, CANDIDATES),
+                                                   top_indices(phrases, CANDIDATES), np.flatnonzero(title)]))
         dense, description = zeros.copy(), zeros.copy()
         dense[candidates] = self.embeddings[candidates] @ query_vector
         if self.description_embeddings is not None:
@@ -502,7 +502,7 @@ class KnowledgeBase:
         results = []
         for query, encoded in zip(queries, encode_messages(queries)):
             scores = self.fused_scores(query, encoded)
-            results.append([(self.entries[i], float(scores[i])) for i in _top(scores, k)])
+            results.append([(self.entries[i], float(scores[i])) for i in top_indices(scores, k)])
         return results
 
 

@@ -74,7 +74,7 @@ def labelled_questions(split, titles, limit=0, seed=0):
 # ----------------------------------------------------------------------------- retrievers
 
 def rank_of_best(scores, right):
-    """Rank (0 = first) of the best-placed right entry, ties going to the earlier entry as in knowledge._top."""
+    """Rank (0 = first) of the best-placed right entry, ties going to the earlier entry as in knowledge.top_indices."""
     ranks = []
     for i in right:
         ahead = scores > scores[i]
@@ -128,7 +128,7 @@ def latency(kb, questions, k=knowledge.DEFAULT_K):
         start = time.perf_counter()
         [encoded] = knowledge.encode_messages([q])
         middle = time.perf_counter()
-        knowledge._top(kb.fused_scores(q, encoded), k)
+        knowledge.top_indices(kb.fused_scores(q, encoded), k)
         embedding.append(middle - start)
         scoring.append(time.perf_counter() - middle)
     ms = lambda xs, p: round(1000 * float(np.percentile(xs, p)), 1)  # noqa: E731
@@ -205,12 +205,12 @@ def scale_child(phase, corpus, cache, faiss_min):
     for q, v in zip(questions, vectors):
         start = time.perf_counter()
         scores = kb.fused_scores(q, v)
-        tops.append(knowledge._top(scores, 10).tolist())
+        tops.append(knowledge.top_indices(scores, 10).tolist())
         times.append(time.perf_counter() - start)
     exact_overlap = None
     if kb.dense_index is not None:  # the same questions scored exactly (brute force), to see what HNSW loses
         kb.dense_index = None
-        exact = [knowledge._top(kb.fused_scores(q, v), 10).tolist() for q, v in zip(questions, vectors)]
+        exact = [knowledge.top_indices(kb.fused_scores(q, v), 10).tolist() for q, v in zip(questions, vectors)]
         exact_overlap = round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(tops, exact)])), 3)
     return {"load_s": round(load_s, 2), "scoring_ms_median": round(1000 * float(np.median(times)), 1),
             "scoring_ms_p90": round(1000 * float(np.percentile(times, 90)), 1), "peak_rss_mb": peak_rss_mb(),
