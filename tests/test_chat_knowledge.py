@@ -46,13 +46,13 @@ def test_grounded_prompt_carries_the_entries_with_the_newest_message_only(tiny):
     model, tokenizer = tiny
     kb = FakeKnowledge()
     c = chat.Chat(model, tokenizer, "alpaca", GREEDY, knowledge=kb)
-    prompts = []
+    encoded = []
     encode = c.encode
-    c.encode = lambda text: prompts.append(text) or encode(text)
+    c.encode = lambda text: encoded.append(text) or encode(text)
     c.respond("My big toe hurts at night.")
     c.respond("It is red and swollen.")
     assert kb.queries == ["My big toe hurts at night.", "It is red and swollen."]
-    newest = [p for p in prompts if "It is red and swollen." in p][0]
+    newest = [p for p in encoded if "It is red and swollen." in p][0]
     assert newest.count(prompts.KNOWLEDGE_HEADER) == 1  # the first message's entries are not repeated
     assert newest.index(prompts.KNOWLEDGE_HEADER) > newest.index("It is red and swollen.")
     assert "Gout | toe pain | uric acid | colchicine" in newest
