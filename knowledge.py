@@ -391,7 +391,7 @@ def cache_damage(folder):
     except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
         return f"{MANIFEST} unreadable"
     found = cache_files(folder)
-    for name, (size, digest) in expected.items():
+    for name, (size, _) in expected.items():
         if name not in found:
             return f"{name} missing"
         if found[name].stat().st_size != size:
@@ -484,7 +484,9 @@ class KnowledgeBase:
         damage = cache_damage(path) if path.exists() else None
         if damage:
             print(f"warning: knowledge cache {path} is damaged ({damage}): rebuilding it", file=sys.stderr, flush=True)
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.exists():
+                raise DataError(f"{path}: damaged knowledge cache ({damage}) that cannot be removed: delete it")
         built = not path.exists()
         if built:
             entries = read_entries(spec)
