@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import chat  # noqa: E402
 from prompts import DOCTOR, GREETING, SAFETY_NOTICE, sources_line  # noqa: E402
-from utils import DataError, ModelLoadError, fail, first_line  # noqa: E402
+from utils import DataError, ModelLoadError, fail, first_line, terminal_safe  # noqa: E402
 
 log = logging.getLogger("chatdoctor.app")
 
@@ -133,7 +133,7 @@ class Sessions:
             return False
         evicted = next((h for h in idle if not self.by_hash[h].has_messages()), idle[0])
         self.by_hash.pop(evicted)
-        log.info("session %s evicted to make room", evicted)
+        log.info("session %s evicted to make room", loggable(evicted))
         return True
 
     def drop(self, session_hash):
@@ -365,13 +365,20 @@ class RefuseUploads:
         await self.app(scope, receive, send)
 
 
+def loggable(text):
+    """Text a client chose (a session id, a value quoted in an error) as it may enter the log: one line, no escape
+    sequences for the terminal that shows the log."""
+    return terminal_safe(text, one_line=True)
+
+
 class OneLineErrors(logging.Filter):
     """A log record's exception as one line (type and first line of its message) instead of a traceback."""
 
     def filter(self, record):
         if record.exc_info and record.exc_info[1] is not None:
             error = record.exc_info[1]
-            record.msg, record.args = f"{record.getMessage().strip()}: {type(error).__name__}: {first_line(error)}", ()
+            record.msg = f"{record.getMessage().strip()}: {type(error).__name__}: {loggable(first_line(error))}"
+            record.args = ()
             record.exc_info = record.exc_text = None
         return True
 
@@ -382,7 +389,7 @@ def log_request_errors_as_one_line():
     of the app's own code are still logged whole (answer())."""
     def print_exc(limit=None, file=None, chain=True):
         error = sys.exc_info()[1]
-        log.warning("request failed: %s: %s", type(error).__name__, first_line(error))
+        log.warning("request failed: %s: %s", type(error).__name__, loggable(first_line(error)))
 
     traceback.print_exc = print_exc  # gradio's queue calls it by this name for every request it cannot process
     logging.getLogger("uvicorn.error").addFilter(OneLineErrors())

@@ -608,7 +608,7 @@ def original_chunks(csv_path):
     path = Path(csv_path)
     if path.suffix.lower() != ".csv":
         raise DataError(f"{path}: --knowledge_mode original reads a disease CSV only")
-    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, MAX_SOURCE_BYTES), newline="")))
     if not rows:
         raise DataError(f"{path}: no rows")
     integer_columns = {c for c in rows[0] if all(re.fullmatch(r"-?\d+", r[c] or "") for r in rows)}

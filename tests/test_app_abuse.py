@@ -30,6 +30,7 @@ MALFORMED = [
     ("/gradio_api/run/predict", {"data": [1, 2], "fn_index": 99}),
     ("/gradio_api/queue/join", {"data": [1], "fn_index": 0, "session_hash": "x" * 10}),
     ("/gradio_api/run/reset", {"data": "not a list"}),
+    ("/gradio_api/call/respond", {"data": ["hi", True, "\x1b]0;owned\x07\x1b[2J\nfake log line", 50, 1.0, 4]}),
 ]
 
 
@@ -109,6 +110,7 @@ def test_conversations_survive_a_client_that_floods_uploads_and_sends_garbage(ti
 
     assert len(statuses["malformed"]) == len(MALFORMED)
     assert "Traceback" not in log and "  File " not in log, log[-3000:]
+    assert "\x1b" not in log and "\nfake log line" not in log  # what a client sent cannot drive the log's terminal
     request_errors = [line for line in log.splitlines() if "request failed:" in line or "Exception in ASGI" in line]
     assert 1 <= len(request_errors) <= len(MALFORMED), log[-3000:]
 
