@@ -8,13 +8,21 @@ KV cache, stopping and red-flag notices; nothing of them is copied here).
 
 Each browser tab (or gradio_client.Client) is one conversation with its own history and KV cache. The model
 answers one message at a time: the others wait in gradio's queue, so a CPU is never shared mid-answer.
+
+Limits, set for a public demo: no uploads (the page has no file input; gradio's upload route answers 403), at most
+--max_sessions conversations and --max_sessions_per_client from one address, and a conversation in use is never
+evicted to make room (a new one is refused with a message instead); a malformed API call is one line in the log.
 """
 import logging
 import os
 import queue
+import shutil
+import signal
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -24,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import chat  # noqa: E402
 from prompts import DOCTOR, GREETING, SAFETY_NOTICE, sources_line  # noqa: E402
-from utils import DataError, ModelLoadError, fail, first_line  # noqa: E402
+from utils import DataError, ModelLoadError, fail, first_line, terminal_safe  # noqa: E402
 
 log = logging.getLogger("chatdoctor.app")
 
@@ -35,8 +43,14 @@ EXAMPLES = [
     "I have crushing chest pain and can't breathe.",
 ]
 # Sessions kept at once, each with its history and KV cache (the cache of a long dialogue with a 135M model is
-# tens of MB); the least recently used goes first, and a closed tab's at once.
+# tens of MB); a closed tab's goes at once. To make room, a session without messages goes first, then the least
+# recently used idle one; a conversation in use is never taken: a new session is refused while all are in use.
 MAX_SESSIONS = 64
+# Sessions one client address may hold (its browser tabs): one client looping over new session ids evicts only its
+# own sessions. Behind a reverse proxy every user has the proxy's address: raise it there.
+MAX_SESSIONS_PER_CLIENT = 8
+# A conversation with messages counts as in use until it has been left alone this long.
+IDLE_SECONDS = 20 * 60
 # A message is cut to this many characters before it reaches the tokenizer: chat.py cuts a message that is
 # too long for the context, but tokenizing a pasted megabyte would hold the queue for everyone.
 MAX_MESSAGE_CHARS = 20_000
@@ -56,36 +70,71 @@ class Cancelled(Exception):
 class Session:
     """One browser session: its Chat (history and KV cache) and the messages its page shows."""
 
-    def __init__(self, conversation):
-        self.chat = conversation
+    def __init__(self, conversation, client=None):
+        self.chat, self.client = conversation, client
         self.lock = threading.Lock()  # one answer or reset at a time within a session
         self.shown = [greeting()]
+        self.last_used = time.monotonic()
 
     def reset(self):
         with self.lock:
             self.chat.reset()
             self.shown = [greeting()]
 
+    def has_messages(self):
+        return len(self.shown) > 1
+
+    def in_use(self, now, idle_seconds=IDLE_SECONDS):
+        """Answering now, or holding messages touched less than `idle_seconds` ago."""
+        return self.lock.locked() or (self.has_messages() and now - self.last_used < idle_seconds)
+
+
+class SessionsFull(Exception):
+    """No session can be made without taking a conversation in use: the message says so to the user."""
+
 
 class Sessions:
-    """Sessions by gradio session hash, made on first use by `make_chat()`; at most `limit`, least recently
-    used evicted."""
+    """Sessions by gradio session hash, made on first use by `make_chat()`: at most `limit`, and at most
+    `per_client` for one client address. Room is made by evicting a session not in use (one without messages
+    first, then the least recently used); when every candidate is in use, SessionsFull."""
 
-    def __init__(self, make_chat, limit=MAX_SESSIONS):
-        self.make_chat, self.limit = make_chat, limit
-        self.by_hash = OrderedDict()
+    def __init__(self, make_chat, limit=MAX_SESSIONS, per_client=MAX_SESSIONS_PER_CLIENT, idle_seconds=IDLE_SECONDS):
+        self.make_chat, self.limit, self.per_client, self.idle_seconds = make_chat, limit, per_client, idle_seconds
+        self.by_hash = OrderedDict()  # least recently used first
         self.lock = threading.Lock()
 
-    def get(self, session_hash):
+    def get(self, session_hash, client=None):
         with self.lock:
             session = self.by_hash.get(session_hash)
             if session is None:
-                session = self.by_hash[session_hash] = Session(self.make_chat())
-                while len(self.by_hash) > self.limit:
-                    evicted, _ = self.by_hash.popitem(last=False)
-                    log.info("session %s evicted (more than %d sessions)", evicted, self.limit)
+                self.make_room(client)
+                session = self.by_hash[session_hash] = Session(self.make_chat(), client)
+            session.last_used = time.monotonic()
             self.by_hash.move_to_end(session_hash)
             return session
+
+    def make_room(self, client):
+        mine = [h for h, s in self.by_hash.items() if s.client == client]
+        if len(mine) >= self.per_client and not self.evict_one(mine):
+            log.warning("new session from %s refused: its %d sessions are all in use", client, len(mine))
+            raise SessionsFull(f"Too many conversations from your address ({len(mine)}) are in use: close another "
+                               "tab or finish a conversation there, then try again.")
+        if len(self.by_hash) >= self.limit and not self.evict_one(list(self.by_hash)):
+            log.warning("new session from %s refused: all %d sessions are in use", client, len(self.by_hash))
+            raise SessionsFull(f"The demo is busy ({len(self.by_hash)} conversations in use): please try again in "
+                               "a few minutes.")
+
+    def evict_one(self, hashes):
+        """Evict the first session of `hashes` (least recently used first) that is not in use, preferring one
+        without messages; False when all are in use."""
+        now = time.monotonic()
+        idle = [h for h in hashes if not self.by_hash[h].in_use(now, self.idle_seconds)]
+        if not idle:
+            return False
+        evicted = next((h for h in idle if not self.by_hash[h].has_messages()), idle[0])
+        self.by_hash.pop(evicted)
+        log.info("session %s evicted to make room", loggable(evicted))
+        return True
 
     def drop(self, session_hash):
         with self.lock:
@@ -207,14 +256,24 @@ def sources_markdown(session):
     return chat.sources_table(session.chat.last_hits).replace("\n", "  \n")
 
 
+def client_address(request):
+    """The client's address as the server saw the connection (not X-Forwarded-For, which any client can write)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "unknown"
+
+
 def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
     import gradio as gr
 
     model_lock = threading.Lock()  # besides the queue's limit of one: no path ever runs two answers at once
 
     def respond(message, greedy, temperature, top_k, top_p, max_new_tokens, request: gr.Request):
-        session = sessions.get(request.session_hash)
-        message = (message or "").strip()
+        try:
+            session = sessions.get(request.session_hash, client_address(request))
+        except SessionsFull as e:
+            yield message, [notice_message(f"⚠️ {e}")], ""
+            return
+        message = message.strip() if isinstance(message, str) else ""
         if not message:
             yield "", session.shown, sources_markdown(session)
             return
@@ -228,7 +287,10 @@ def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
         yield "", session.shown, sources_markdown(session)
 
     def reset(request: gr.Request):
-        session = sessions.get(request.session_hash)
+        try:
+            session = sessions.get(request.session_hash, client_address(request))
+        except SessionsFull as e:
+            return "", [notice_message(f"⚠️ {e}")], ""
         session.reset()
         return "", session.shown, sources_markdown(session)
 
@@ -275,7 +337,69 @@ def parse_args(argv=None):
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
     s.add_argument("--port", type=int, default=7860)
-    return chat.parse_args(argv, p)
+    s.add_argument("--max_sessions", type=int, default=MAX_SESSIONS, help="conversations kept at once")
+    s.add_argument("--max_sessions_per_client", type=int, default=MAX_SESSIONS_PER_CLIENT,
+                   help="conversations one client address may hold (behind a reverse proxy all users share one)")
+    args = chat.parse_args(argv, p)
+    if args.max_sessions < 1 or args.max_sessions_per_client < 1:
+        p.error("--max_sessions and --max_sessions_per_client must be at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- serving safely
+
+class RefuseUploads:
+    """ASGI middleware: gradio's upload route answers 403. The page has no file input; without this, any client
+    could store files of any size on the server (and have them served back)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/upload"):
+            log.warning("upload refused from %s", (scope.get("client") or ["unknown"])[0])
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": b"uploads are off on this server\n"})
+            return
+        await self.app(scope, receive, send)
+
+
+def loggable(text):
+    """Text a client chose (a session id, a value quoted in an error) as it may enter the log: one line, no escape
+    sequences for the terminal that shows the log."""
+    return terminal_safe(text, one_line=True)
+
+
+class OneLineErrors(logging.Filter):
+    """A log record's exception as one line (type and first line of its message) instead of a traceback."""
+
+    def filter(self, record):
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage().strip()}: {type(error).__name__}: {loggable(first_line(error))}"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def log_request_errors_as_one_line():
+    """A malformed API call (too few inputs, a string for a slider, an unknown fn_index) makes gradio print a
+    traceback with traceback.print_exc() and uvicorn log one: the server's log gets one line each instead. Errors
+    of the app's own code are still logged whole (answer())."""
+    def print_exc(limit=None, file=None, chain=True):
+        error = sys.exc_info()[1]
+        log.warning("request failed: %s: %s", type(error).__name__, loggable(first_line(error)))
+
+    traceback.print_exc = print_exc  # gradio's queue calls it by this name for every request it cannot process
+    logging.getLogger("uvicorn.error").addFilter(OneLineErrors())
+
+
+def private_temp_dir():
+    """A folder of this server's own for gradio's cache files (GRADIO_TEMP_DIR), deleted when it stops."""
+    folder = tempfile.mkdtemp(prefix="chatdoctor-app-", dir=os.environ.get("GRADIO_TEMP_DIR"))
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    return folder
 
 
 def main(argv=None):
@@ -296,21 +420,41 @@ def main(argv=None):
         return made.pop() if made else engine.new_chat(generation)
 
     max_tokens_limit = max(args.max_new_tokens, min(1024, getattr(first, "context", 2048) // 2))
-    page = build_page(generation, Sessions(make_chat), engine.where, engine.knowledge_base is not None,
-                      max_tokens_limit)
-    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
-    import gradio as gr
+    sessions = Sessions(make_chat, args.max_sessions, args.max_sessions_per_client)
+    temp_dir = private_temp_dir()  # before gradio is imported: it reads GRADIO_TEMP_DIR then
+    try:
+        page = build_page(generation, sessions, engine.where, engine.knowledge_base is not None, max_tokens_limit)
+        return serve(args, page, engine.where)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
+
+def serve(args, page, where):
+    """Serve `page` until Ctrl-C, SIGTERM or SIGHUP; then close the server."""
+    import gradio as gr
+    from starlette.middleware import Middleware
+
+    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    log_request_errors_as_one_line()
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # offline
-    print(f"ChatDoctor on http://{args.host}:{args.port} ({engine.where}). {SAFETY_NOTICE}", file=sys.stderr, flush=True)
+    print(f"ChatDoctor on http://{args.host}:{args.port} ({where}). {SAFETY_NOTICE}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stop.set())
     started = time.perf_counter()
     try:
         page.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
-                    theme=theme, css=CSS, quiet=True, footer_links=["api"])
+                    theme=theme, css=CSS, quiet=True, footer_links=["api"], max_file_size=0,
+                    app_kwargs={"middleware": [Middleware(RefuseUploads)]}, prevent_thread_lock=True)
     except OSError as e:  # the port is taken, or the address is not this machine's
         fail(f"cannot serve on {args.host}:{args.port}: {first_line(e)}", code=1)
+    try:
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
+    finally:
+        page.close()
     log.info("stopped after %.0f s", time.perf_counter() - started)
     return 0
 

@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 import compare
 from compare import read_finished, spread_indices
 from utils import DataError, ModelLoadError, fail, sha256_of, write_atomic
+from utils import read_jsonl as utils_read_jsonl
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data" / "benchmarks"  # written by `python prepare.py benchmarks`
@@ -73,20 +74,10 @@ class Question:
 def read_jsonl(path):
     """[(line number, record)] of a JSON Lines file; a DataError names the file and line of what is wrong."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: file not found (python prepare.py benchmarks)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     records = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+    for line_no, record in utils_read_jsonl(path):
         if not isinstance(record, dict):
             raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
         records.append((line_no, record))

@@ -29,6 +29,7 @@ from typing import Optional
 from prompts import (DEFAULT_PROMPT_STYLE, DOCTOR, GREETING, PATIENT, PROMPT_STYLES, SAFETY_NOTICE, build_chat_prompt,
                      fit_history, format_context, grounded_message, next_turn_prefix, sources_line, visible_answer)
 from utils import DataError, ModelLoadError, fail, first_line, load_model, load_tokenizer, prompt_style_for
+from utils import terminal_safe
 
 DEFAULT_GENERATION = {"repetition_penalty": 1.1, "max_new_tokens": 200}  # the original chat.py's
 
@@ -534,7 +535,7 @@ def say(text, stream):
 
 
 def stream_to(stream):
-    return lambda chunk: print(chunk, end="", file=stream, flush=True)
+    return lambda chunk: print(terminal_safe(chunk), end="", file=stream, flush=True)
 
 
 def answer_once(chat, message, out, info, prefix=""):
@@ -550,14 +551,14 @@ def answer_once(chat, message, out, info, prefix=""):
 
     chat.respond(message, on_text=stream_to(out), on_notice=trimmed)
     if chat.last_hits:
-        print(f"\n{sources_line(chat.last_hits)}", end="", file=out, flush=True)
+        print(f"\n{terminal_safe(sources_line(chat.last_hits), one_line=True)}", end="", file=out, flush=True)
 
 
 def sources_table(hits):
     if not hits:
         return "(no knowledge entries retrieved yet: start with --knowledge and ask a question)"
-    return "\n".join(f"{rank}. {entry.id} {entry.title} (score {score:.3f}; {entry.source})"
-                     for rank, (entry, score) in enumerate(hits, 1))
+    return "\n".join(terminal_safe(f"{rank}. {entry.id} {entry.title} (score {score:.3f}; {entry.source})",
+                                   one_line=True) for rank, (entry, score) in enumerate(hits, 1))
 
 
 def run_command(chat, command, out, info):

@@ -45,7 +45,7 @@ from knowledge import decode_escapes
 from prompts import (DEFAULT_PROMPT_STYLE, PATIENT, PROMPT_STYLES, STOP_STRINGS, build_chat_prompt, format_context,
                      grounded_message, visible_answer)
 from utils import (DataError, ModelLoadError, ensure_pad_token, fail, load_data, load_model_and_tokenizer,
-                   prompt_style_for, relative, replace_markdown_section, write_atomic)
+                   parse_jsonl, prompt_style_for, relative, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
@@ -570,7 +570,7 @@ def finished_row(out_dir, model_path, num_examples, max_new_tokens, mode):
     metrics = read_finished(Path(out_dir) / "metrics.json", rows_path, same_settings=same)
     if metrics is None:
         return None
-    return metrics, [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
+    return metrics, [row for _, row in parse_jsonl(rows_path, rows_path.read_text(encoding="utf-8"))]
 
 
 def parse_compare(items):

@@ -10,12 +10,15 @@ Reads what train.py and prepare.py write: a LlamaForCausalLM folder of safetenso
 so llama.cpp prompts it as chat.py does; the Modelfile says the same prompt in Ollama's Go template syntax.
 """
 import argparse
+import errno
 import json
 import os
+import re
 from pathlib import Path
 
 from prompts import SAFETY_NOTICE, STOP_STRINGS, chat_template_for, ollama_template
-from utils import ModelLoadError, check_model_path, fail, load_tokenizer, prompt_style_for, write_atomic
+from utils import (ModelLoadError, check_model_path, display_path, fail, load_tokenizer, prompt_style_for,
+                   removed_unless_finished, write_atomic)
 
 ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: a 2023 LLaMA folder's spelling
 FILE_TYPES = ("f16", "q8_0")
@@ -56,6 +59,11 @@ def read_config(folder):
 
 
 def check_outputs(paths, overwrite):
+    for folder in (paths[0].parent, *paths[0].parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ExportError(f"{folder}: is a file, not a folder (the --out path goes through it)")
+            break
     for path in paths:
         if path.exists() and not overwrite:
             raise ExportError(f"{path}: already exists (--overwrite replaces it)")
@@ -186,11 +194,35 @@ def modelfile_text(gguf_name, style, eos_token, source):
 # ----------------------------------------------------------------------------- export
 
 def export(folder, out, file_type="f16", overwrite=False):
-    """Write `out` (GGUF), then a Modelfile beside it; each appears whole or not at all. Returns a summary dict."""
+    """Write `out` (GGUF), then a Modelfile beside it; both appear whole or neither does. Returns a summary dict.
+    File-system errors (read-only folder, disk full) are one-line ExportErrors naming the file."""
+    folder, out = Path(folder), Path(out)
+    try:
+        return write_export(folder, out, file_type, overwrite)
+    except OSError as e:  # the folder read, or the outputs written: one line naming the file
+        raise ExportError(file_system_error(e, out)) from None
+
+
+# A file-size limit (RLIMIT_FSIZE) fails a write as a full disk does.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def file_system_error(error, path):
+    """One line for an OSError met while exporting to `path`: a failed write() names no file, and a temporary file
+    is named as the output it was to become."""
+    short_write = error.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(error))  # numpy's tofile
+    disk_full = error.errno in DISK_FULL or short_write
+    reason = "disk full" if disk_full else error.strerror or str(error) or type(error).__name__
+    named = error.filename and not re.fullmatch(r"\..+\.tmp\d+", Path(os.fsdecode(error.filename)).name)
+    if named and Path(os.fsdecode(error.filename)) not in (path, path.parent):
+        return f"{display_path(error.filename)}: {reason}"
+    return f"{display_path(path)}: cannot write ({reason})"
+
+
+def write_export(folder, out, file_type, overwrite):
     import gguf
     from tqdm import tqdm
 
-    folder, out = Path(folder), Path(out)
     if file_type not in FILE_TYPES:
         raise ExportError(f"--type {file_type!r}: not one of {', '.join(FILE_TYPES)}")
     modelfile = out.parent / "Modelfile"
@@ -200,7 +232,7 @@ def export(folder, out, file_type="f16", overwrite=False):
     template = chat_template_for(style)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with removed_unless_finished(tmp):  # an error, Ctrl-C or SIGTERM: no temporary file stays
         # use_temp_file: tensors spill to disk as they are converted, not all held in memory until the end.
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
         writer.add_name("ChatDoctor")
@@ -230,9 +262,11 @@ def export(folder, out, file_type="f16", overwrite=False):
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_atomic(modelfile, modelfile_text(out.name, style, tokenizer.eos_token, folder))
+    try:
+        write_atomic(modelfile, modelfile_text(out.name, style, tokenizer.eos_token, folder))
+    except OSError as e:
+        out.unlink(missing_ok=True)  # both or neither
+        raise ExportError(file_system_error(e, modelfile)) from None
     if tokenizer.chat_template != template:
         print(f"note: {folder}'s own chat template is not chat.py's {style} prompt; the GGUF has chat.py's "
               f"(python prepare.py chat-template {folder} fixes the folder)")

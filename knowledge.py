@@ -31,19 +31,25 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from utils import DataError, ModelLoadError, read_text
+from utils import (DataError, ModelLoadError, check_regular_file, check_utf8_name, read_file_bytes, read_text,
+                   remove_stale_temporaries, removed_unless_finished, sha256_of)
+from utils import read_jsonl as read_json_lines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is local; never wait on a hub
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_KNOWLEDGE = str(ROOT / "format_dataset.csv")
 CACHE_DIR = ROOT / ".cache" / "knowledge"
-RETRIEVER_VERSION = "3"  # bump when indexing changes: old caches are then ignored
+# A source file larger than this is refused before it is read (every source is read whole into memory).
+MAX_SOURCE_BYTES = 512 * 2**20
+MANIFEST = "manifest.json"  # in each cache folder, written last: every other file's size and sha256
+RETRIEVER_VERSION = "4"  # bump when indexing changes: old caches are then ignored
 # Entries per message. Recall still grows after 3, but with more entries many grounded GenMedGPT records no
 # longer fit the recipe's 512 tokens: 3 is what the retrieval-tuned model can be trained on (docs/BENCHMARKS.md,
 # "Why three entries").
@@ -129,7 +135,7 @@ def disease_text(title, fields):
 def read_disease_csv(path):
     """One entry per row of a CSV with format_dataset.csv's columns (idx, reason and the last two optional)."""
     path = Path(path)
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path, MAX_SOURCE_BYTES), newline=""))
     columns = reader.fieldnames or []
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -159,20 +165,18 @@ def read_jsonl(path):
     """One entry per line of {"title": str, "text": str}."""
     path = Path(path)
     entries = []
-    for line_no, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            reason = getattr(e, "msg", "nested too deeply")
-            raise DataError(f"{path}: line {line_no}: not valid JSON ({reason})") from None
+    for line_no, record in read_json_lines(path, MAX_SOURCE_BYTES):
         if not isinstance(record, dict):
             raise DataError(f"{path}: line {line_no}: expected an object with 'title' and 'text'")
         for key in ("title", "text"):
             if not isinstance(record.get(key), str):
                 got = "missing" if key not in record else type(record[key]).__name__
                 raise DataError(f"{path}: line {line_no}: field '{key}' must be a string ({got})")
+            try:
+                record[key].encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}: line {line_no}: field '{key}' holds an invalid \\u escape (lone surrogate)") \
+                    from None
         if not record["text"].strip():
             raise DataError(f"{path}: line {line_no}: field 'text' is empty")
         title = record["title"].strip() or f"{path.stem} {line_no}"
@@ -186,9 +190,7 @@ def read_passages(path, words_per_passage=PASSAGE_WORDS):
     """A .txt/.md file cut into passages of at most `words_per_passage` words (empty file: none)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+        text = read_file_bytes(path, MAX_SOURCE_BYTES).decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     words = text.split()
@@ -200,10 +202,14 @@ def read_passages(path, words_per_passage=PASSAGE_WORDS):
 
 
 def text_files(folder):
-    """The .txt and .md files under `folder`, sorted, hidden files and folders skipped."""
+    """The .txt and .md files under `folder`, sorted, hidden files and folders skipped (and FIFOs, devices and
+    sockets, whatever their name). A name that is not UTF-8 is a DataError naming it."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for path in files:
+        check_utf8_name(path)
+    return files
 
 
 def read_source(path):
@@ -232,8 +238,11 @@ def parse_spec(spec):
     if not paths:
         raise DataError("--knowledge is empty: name a CSV, a JSONL file or a folder of .txt/.md")
     for path in paths:
+        check_utf8_name(path)
         if not path.exists():
             raise DataError(f"{path}: knowledge source not found")
+        if not path.is_dir():
+            check_regular_file(path, MAX_SOURCE_BYTES)  # a FIFO named notes.txt must not hang the chat
     return paths
 
 
@@ -313,7 +322,7 @@ def content_hash(paths):
                                    EMBEDDING_PACKAGE, FAISS_MIN_ENTRIES]).encode())
     for path in paths:
         for f in text_files(path) if path.is_dir() else [path]:
-            h.update(str(f).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+            h.update(str(f).encode() + b"\0" + hashlib.sha256(read_file_bytes(f, MAX_SOURCE_BYTES)).digest())
     return h.hexdigest()[:24]
 
 
@@ -357,6 +366,41 @@ def build_index(entries, out_dir):
         import faiss
 
         faiss.write_index(hnsw_index(embeddings), str(out_dir / "dense.faiss"))
+    write_manifest(out_dir)
+
+
+def cache_files(folder):
+    """{relative path: Path} of every file in a cache folder but the manifest."""
+    return {f.relative_to(folder).as_posix(): f for f in sorted(Path(folder).rglob("*"))
+            if f.is_file() and f.name != MANIFEST}
+
+
+def write_manifest(folder):
+    """Each file's size and sha256, written last: a cache folder without it was never finished."""
+    manifest = {name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)} for name, f in cache_files(folder).items()}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def cache_damage(folder):
+    """Why the cache folder cannot be served (missing, extra, resized or changed files), or None when it is whole."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        expected = {name: (int(item["bytes"]), str(item["sha256"])) for name, item in manifest.items()}
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return f"{MANIFEST} unreadable"
+    found = cache_files(folder)
+    for name, (size, _) in expected.items():
+        if name not in found:
+            return f"{name} missing"
+        if found[name].stat().st_size != size:
+            return f"{name} has {found[name].stat().st_size} bytes, not {size}"
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        return f"{extra[0]} was not written by the build"
+    changed = next((name for name, (_, digest) in expected.items() if sha256_of(found[name]) != digest), None)
+    return f"{changed} changed since the build" if changed else None
 
 
 def write_symptom_index(entries, out_dir):
@@ -410,8 +454,7 @@ class KnowledgeBase:
 
         path = Path(path)
         self.cache_path, self.built = path, built
-        with open(path / "entries.jsonl", encoding="utf-8") as f:
-            self.entries = [Entry(**json.loads(line)) for line in f]
+        self.entries = [Entry(**record) for _, record in read_json_lines(path / "entries.jsonl")]
         self.words = bm25s.BM25.load(path / "words", show_progress=False)
         self.phrases = bm25s.BM25.load(path / "phrases", show_progress=False) if (path / "phrases").is_dir() else None
         self.phrase_terms = {key: set(key.split()) for key in (self.phrases.vocab_dict if self.phrases else {}) if key}
@@ -437,12 +480,20 @@ class KnowledgeBase:
         """The knowledge base of a --knowledge spec; built once per content, then read from the cache."""
         paths = parse_spec(spec)
         path = Path(cache_dir) / content_hash(paths)
-        built = not (path / "entries.jsonl").is_file()
+        remove_stale_temporaries(cache_dir, rf"{path.name}\.tmp(?P<pid>\d+)")  # left by a killed build
+        damage = cache_damage(path) if path.exists() else None
+        if damage:
+            print(f"warning: knowledge cache {path} is damaged ({damage}): rebuilding it", file=sys.stderr, flush=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.exists():
+                raise DataError(f"{path}: damaged knowledge cache ({damage}) that cannot be removed: delete it")
+        built = not path.exists()
         if built:
             entries = read_entries(spec)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            build_index(entries, tmp)
+            with removed_unless_finished(tmp):  # Ctrl-C, SIGTERM or an error: no half-built folder stays
+                build_index(entries, tmp)
             try:
                 os.replace(tmp, path)  # readers never see a half-built index
             except OSError:  # another process published the same index first
@@ -557,7 +608,7 @@ def original_chunks(csv_path):
     path = Path(csv_path)
     if path.suffix.lower() != ".csv":
         raise DataError(f"{path}: --knowledge_mode original reads a disease CSV only")
-    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, MAX_SOURCE_BYTES), newline="")))
     if not rows:
         raise DataError(f"{path}: no rows")
     integer_columns = {c for c in rows[0] if all(re.fullmatch(r"-?\d+", r[c] or "") for r in rows)}

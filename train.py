@@ -14,6 +14,7 @@ stage-1 output (`make recipe`). `--data_path` takes one or more comma-separated 
 LoRA instead of full fine-tuning: `--lora_r 8` (`make demo LORA=1`); QLoRA on one GPU adds `--load_in_4bit True`
 (`make recipe LORA=1 QLORA=1 NGPUS=1`). README, "LoRA / QLoRA".
 """
+import contextlib
 import difflib
 import importlib.util
 import logging
@@ -299,6 +300,24 @@ def claim_output_dir(args, fingerprint):
     return resume
 
 
+@contextlib.contextmanager
+def claimed_output_dir(args, fingerprint):
+    """claim_output_dir for the block that prepares training (tokenize, load the model): should it fail (weights
+    that cannot be loaded, Ctrl-C), what the claim wrote goes again, so a failed start leaves no output folder."""
+    folder = Path(args.output_dir)
+    existed, had_run_file = folder.exists(), (folder / checkpoints.RUN_FILE).exists()
+    resume = claim_output_dir(args, fingerprint)
+    try:
+        yield resume
+    except BaseException:
+        if args.should_save and not had_run_file:
+            (folder / checkpoints.RUN_FILE).unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: nothing but what the claim wrote
+        raise
+
+
 def save_final_model(trainer, tokenizer, output_dir, trust_remote_code=False):
     """Full state dict (gathered under FSDP) as safetensors, plus tokenizer and generation config, so
     plain AutoModelForCausalLM.from_pretrained loads it and generate() stops at the trained EOS.
@@ -465,15 +484,16 @@ def train(argv=None, variations=Variations()):
     )
     check_prompt_fits(tokenizer, training_args.model_max_length)
     fingerprint = checkpoints.run_fingerprint(model_args.model_name_or_path, records, training_args)
-    resume = claim_output_dir(training_args, fingerprint)  # refuses another run's folder; finds our checkpoint
-    train_dataset = tokenize(records, data_args, training_args, tokenizer)
-    eval_dataset = tokenize(eval_records, data_args, training_args, tokenizer, "evaluation") if eval_records else None
-    # fp32 master weights as in the paper; --bf16 is mixed precision (autocast / FSDP mixed precision)
-    model = utils.load_model(
-        model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code,
-        **quantization_kwargs(training_args),
-        **({"attn_implementation": variations.attn_implementation} if variations.attn_implementation else {}),
-    )
+    with claimed_output_dir(training_args, fingerprint) as resume:  # refuses another run's folder; finds our checkpoint
+        train_dataset = tokenize(records, data_args, training_args, tokenizer)
+        eval_dataset = (tokenize(eval_records, data_args, training_args, tokenizer, "evaluation") if eval_records
+                        else None)
+        # fp32 master weights as in the paper; --bf16 is mixed precision (autocast / FSDP mixed precision)
+        model = utils.load_model(
+            model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code,
+            **quantization_kwargs(training_args),
+            **({"attn_implementation": variations.attn_implementation} if variations.attn_implementation else {}),
+        )
     utils.ensure_pad_token(tokenizer, model)
     if training_args.packing and variations.packed_attention:
         logger.info(f"--packing: attention {utils.use_packed_attention(model)} (one causal attention per example)")

@@ -3,12 +3,18 @@
 Every reader raises DataError (bad data) or ModelLoadError (bad model folder) with a one-line message
 naming the file, the record and the field; the scripts print it and exit non-zero, with no traceback.
 """
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import re
+import shutil
+import signal
+import stat
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +51,7 @@ class ModelLoadError(ValueError):
 
 def fail(message, code=2):
     """The scripts' way out on bad input: one line on stderr, a non-zero exit, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {terminal_safe(message, one_line=True)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -71,16 +77,95 @@ def write_atomic(path, data):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with removed_unless_finished(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 
 def write_json_atomic(path, obj):
     return write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived while a file was being written (exit status 128 + the signal, no traceback)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(128 + signum)
+
+
+def _remove(path):
+    path = Path(path)
+    with contextlib.suppress(OSError):  # the first error is what the user must see, not a failed clean-up
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def removed_unless_finished(path):
+    """Delete the temporary file or folder `path` when the block does not finish: an error, Ctrl-C, or (in the main
+    thread) SIGTERM or SIGHUP, which are turned into Terminated for the time of the block so that it unwinds."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_DFL:  # a program that handles them itself keeps its handler
+                handlers[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield Path(path)
+    except BaseException:
+        _remove(path)
+        raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, pattern):
+    """Delete what a killed writer (SIGKILL, power loss) left: entries of `folder` matching `pattern`, a regular
+    expression whose group 'pid' is the writer's process id, whose process no longer runs."""
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            match = re.fullmatch(pattern, entry.name)
+            if match and int(match["pid"]) != os.getpid() and not pid_alive(int(match["pid"])):
+                _remove(entry)
+
+
+# ESC [ ... (CSI), ESC ] ... BEL / ESC \\ (OSC: window title, hyperlinks, clipboard), ESC P / X / ^ / _ strings,
+# other ESC sequences, and their 8-bit forms (0x9b CSI, 0x9d OSC, 0x90 DCS ...).
+_TERMINAL_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]?|\x9b[0-?]*[ -/]*[@-~]?"
+    r"|[\x1b][\]PX^_][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?|[\x9d\x90\x98\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+# What remains that a terminal acts on: C0 controls but tab and newline, DEL, C1 controls, and the bidirectional
+# overrides and isolates that make text display in another order than it reads (U+202A-U+202E, U+2066-U+2069).
+_CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def terminal_safe(text, one_line=False):
+    """Untrusted text (a knowledge title, a file name, a model's answer) as it may be written to a terminal: escape
+    sequences and control characters removed, lone surrogates (which no terminal encoding can take) as U+FFFD;
+    `one_line`: newlines and tabs become spaces too. Everything that prints such text goes through here."""
+    text = _CONTROL_CHARACTER.sub("", _TERMINAL_SEQUENCE.sub("", str(text)))
+    text = _LONE_SURROGATE.sub("\ufffd", text)
+    return re.sub(r"[\n\t]", " ", text) if one_line else text
 
 
 def _heading_level(line):
@@ -127,24 +212,99 @@ def is_alpaca_sample(path):
         sha256_of(path) == BUNDLED_SHA256[ALPACA_SAMPLE_PATH]
 
 
-def read_text(path):
-    """A data file's text, or a DataError naming the file: missing, a folder, unreadable, or not UTF-8."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a data file")
+def display_path(path):
+    """A path as text that always prints and encodes: the bytes of a file name that is not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def check_utf8_name(path):
+    """A DataError naming `path` when its name is not UTF-8 (it could not be hashed, cited or written to JSON)."""
     try:
-        raw = path.read_bytes()
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{display_path(path)}: file name is not valid UTF-8; rename the file") from None
+
+
+def _file_kind(mode):
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _check_regular(path, st, max_bytes):
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{display_path(path)}: is a directory, expected a data file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{display_path(path)}: is {_file_kind(st.st_mode)}, expected a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise DataError(f"{display_path(path)}: {st.st_size / 2**20:,.0f} MiB is more than the "
+                        f"{max_bytes / 2**20:,.0f} MiB this reads")
+
+
+def check_regular_file(path, max_bytes=None):
+    """A DataError naming `path` unless it is a regular file of at most `max_bytes` (a FIFO, a device, a folder
+    or an over-large file is refused before anything opens it)."""
+    try:
+        _check_regular(path, Path(path).stat(), max_bytes)
+    except FileNotFoundError:
+        raise DataError(f"{display_path(path)}: file not found") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+        raise DataError(f"{display_path(path)}: cannot read file ({e.strerror})") from None
+
+
+def read_file_bytes(path, max_bytes=None):
+    """The bytes of a regular file of at most `max_bytes`, or a DataError naming it. The type and size are checked
+    before anything is read (a FIFO would hang, a device never end), and again on the opened file."""
+    path = Path(path)
+    try:
+        _check_regular(path, path.stat(), max_bytes)
+        # O_NONBLOCK: should the path have become a FIFO since, opening it does not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            _check_regular(path, os.fstat(f.fileno()), max_bytes)
+            data = f.read(-1 if max_bytes is None else max_bytes + 1)
+    except FileNotFoundError:
+        raise DataError(f"{display_path(path)}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{display_path(path)}: cannot read file ({e.strerror})") from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while being read
+        raise DataError(f"{display_path(path)}: more than the {max_bytes / 2**20:,.0f} MiB this reads")
+    return data
+
+
+def read_text(path, max_bytes=None):
+    """A data file's text, or a DataError naming the file: missing, a folder (or a FIFO, a device), larger than
+    `max_bytes`, unreadable, or not UTF-8."""
+    raw = read_file_bytes(path, max_bytes)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        raise DataError(f"{display_path(path)}: not valid UTF-8 (byte {e.start})") from None
     if not text.strip():
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{display_path(path)}: file is empty")
     return text
+
+
+def parse_jsonl(path, text):
+    """[(line number, value)] of JSON Lines text: split at "\\n" only (and a "\\r" before it), so that U+2028,
+    U+2029 or U+0085 inside a string, which json.dumps(ensure_ascii=False) writes as they are, stay in their record
+    (str.splitlines() would cut the line there). Blank lines are skipped. The one JSONL reader of the project."""
+    records = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip(" \t\r"):
+            continue
+        try:
+            records.append((line_no, json.loads(line)))
+        except RecursionError:
+            raise DataError(f"{display_path(path)}: line {line_no}: JSON nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{display_path(path)}: line {line_no}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def read_jsonl(path, max_bytes=None):
+    """[(line number, value)] of a JSON Lines file (parse_jsonl after read_text's checks)."""
+    return parse_jsonl(path, read_text(path, max_bytes))
 
 
 def _parse_json_records(path, text):
@@ -166,17 +326,7 @@ def _parse_json_records(path, text):
             if not isinstance(data, list):
                 raise DataError(f"{path}: top-level JSON {type(data).__name__}; expected a list of records")
             return data
-    records = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except RecursionError:
-            raise DataError(f"{path}: line {line_no}: JSON nested too deeply") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
-    return records
+    return [record for _, record in parse_jsonl(path, text)]
 
 
 def _string_field(path, index, record, field, required=True):

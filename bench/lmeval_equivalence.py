@@ -227,7 +227,7 @@ def fixture(theirs, names):
 
 def first_lines(names, data_dir, limit):
     """The first `limit` lines of each benchmark file: every question and few-shot example the cases use."""
-    return {name: (Path(data_dir) / benchmarks.BENCHMARKS[name].file).read_text(encoding="utf-8").splitlines()[:limit]
+    return {name: (Path(data_dir) / benchmarks.BENCHMARKS[name].file).read_text(encoding="utf-8").split("\n")[:limit]
             for name in names}
 
 

@@ -183,7 +183,7 @@ def test_a_failure_mid_export_leaves_no_file(tiny_model_dir, tmp_path, monkeypat
 
     original = export_gguf.gguf_tensors
     monkeypatch.setattr(export_gguf, "gguf_tensors", one_tensor_then_disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(export_gguf.ExportError, match=r"chatdoctor.gguf: cannot write \(No space left on device\)"):
         export(tiny_model_dir, tmp_path / "chatdoctor.gguf")
     assert list(tmp_path.iterdir()) == []
 

@@ -2,6 +2,7 @@
 random bytes for the data readers. docs/RELIABILITY.md lists each fault with the test here that proves it."""
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -366,10 +367,14 @@ def test_unreadable_data_file(tmp_path, monkeypatch):
     path = tmp_path / "secret.json"
     path.write_text('[{"instruction": "a", "output": "b"}]')
 
-    def permission_denied(self):  # chmod 000 does not stop root, who runs CI containers
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_bytes", permission_denied)
+    def permission_denied(file, *args, **kwargs):  # chmod 000 does not stop root, who runs CI containers
+        if str(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", permission_denied)
     with pytest.raises(utils.DataError, match=r"secret.json: cannot read file \(Permission denied\)"):
         utils.load_records(path)
 
