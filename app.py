@@ -262,10 +262,9 @@ def client_address(request):
     return getattr(client, "host", None) or "unknown"
 
 
-def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
+def page_handlers(generation, sessions, model_lock):
+    """What the page's events call: respond (stream an answer), reset (a new conversation), forget (a closed tab)."""
     import gradio as gr
-
-    model_lock = threading.Lock()  # besides the queue's limit of one: no path ever runs two answers at once
 
     def respond(message, greedy, temperature, top_k, top_p, max_new_tokens, request: gr.Request):
         try:
@@ -297,6 +296,29 @@ def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
     def forget(request: gr.Request):
         sessions.drop(request.session_hash)
 
+    return respond, reset, forget
+
+
+def settings_panel(generation, max_tokens_limit):
+    """The sampling controls, set to the command line's settings: [greedy, temperature, top_k, top_p, max tokens]."""
+    import gradio as gr
+
+    with gr.Accordion("Settings", open=False):
+        return [
+            gr.Checkbox(value=generation.greedy, label="Greedy (deterministic: always the most likely word)"),
+            gr.Slider(0, 2, value=generation.temperature, step=0.05, label="Temperature (sampling)"),
+            gr.Slider(0, 200, value=generation.top_k, step=1, label="Top-k (sampling; 0 = all)"),
+            gr.Slider(0.05, 1, value=generation.top_p, step=0.05, label="Top-p (sampling)"),
+            gr.Slider(1, max_tokens_limit, value=min(generation.max_new_tokens, max_tokens_limit), step=1,
+                      label="Max new tokens"),
+        ]
+
+
+def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
+    import gradio as gr
+
+    # besides the queue's limit of one: no path ever runs two answers at once
+    respond, reset, forget = page_handlers(generation, sessions, threading.Lock())
     with gr.Blocks(title="ChatDoctor") as page:
         gr.Markdown(f"⚠️ **{SAFETY_NOTICE}** In an emergency call your local emergency number (112 / 911 / 999).",
                     elem_id="banner")
@@ -310,17 +332,10 @@ def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
         gr.Examples(EXAMPLES, inputs=message, label="Example questions")
         with gr.Accordion("Sources of the last answer", open=False, visible=knowledge_on):
             sources = gr.Markdown(elem_id="sources")
-        with gr.Accordion("Settings", open=False):
-            greedy = gr.Checkbox(value=generation.greedy, label="Greedy (deterministic: always the most likely word)")
-            temperature = gr.Slider(0, 2, value=generation.temperature, step=0.05, label="Temperature (sampling)")
-            top_k = gr.Slider(0, 200, value=generation.top_k, step=1, label="Top-k (sampling; 0 = all)")
-            top_p = gr.Slider(0.05, 1, value=generation.top_p, step=0.05, label="Top-p (sampling)")
-            max_new_tokens = gr.Slider(1, max_tokens_limit, value=min(generation.max_new_tokens, max_tokens_limit), step=1,
-                                       label="Max new tokens")
+        controls = settings_panel(generation, max_tokens_limit)
         gr.Markdown(f"<small>{where}</small>", elem_id="model")
 
-        inputs = [message, greedy, temperature, top_k, top_p, max_new_tokens]
-        outputs = [message, conversation, sources]
+        inputs, outputs = [message, *controls], [message, conversation, sources]
         # One concurrency group for both ways to send: the model answers one message at a time.
         message.submit(respond, inputs, outputs, api_name="respond", concurrency_id="model")
         send.click(respond, inputs, outputs, api_name=False, concurrency_id="model")

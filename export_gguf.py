@@ -219,9 +219,40 @@ def file_system_error(error, path):
     return f"{display_path(path)}: cannot write ({reason})"
 
 
+def set_gguf_parameters(writer, config, style, file_type):
+    """The hyperparameters llama.cpp reads (as convert_hf_to_gguf.py's set_gguf_parameters writes them)."""
+    import gguf
+
+    writer.add_name("ChatDoctor")
+    writer.add_description(f"ChatDoctor ({style} prompt). {SAFETY_NOTICE}")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if file_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def add_tensors(writer, folder, config, file_type, desc):
+    """The weights under llama.cpp's names, converted to `file_type` one at a time (a progress bar per tensor)."""
+    from tqdm import tqdm
+
+    count = sum(not left_out(name, config) for name, _ in hf_tensors(folder))
+    for name, data, ggml_type in tqdm(gguf_tensors(folder, config, file_type), total=count, desc=desc, unit="tensor"):
+        writer.add_tensor(name, data, raw_dtype=ggml_type)
+
+
 def write_export(folder, out, file_type, overwrite):
     import gguf
-    from tqdm import tqdm
 
     if file_type not in FILE_TYPES:
         raise ExportError(f"--type {file_type!r}: not one of {', '.join(FILE_TYPES)}")
@@ -235,28 +266,9 @@ def write_export(folder, out, file_type, overwrite):
     with removed_unless_finished(tmp):  # an error, Ctrl-C or SIGTERM: no temporary file stays
         # use_temp_file: tensors spill to disk as they are converted, not all held in memory until the end.
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
-        writer.add_name("ChatDoctor")
-        writer.add_description(f"ChatDoctor ({style} prompt). {SAFETY_NOTICE}")
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if file_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        set_gguf_parameters(writer, config, style, file_type)
         tokenizer = add_tokenizer(writer, folder, config.vocab_size, template)
-        count = sum(not left_out(name, config) for name, _ in hf_tensors(folder))
-        for name, data, ggml_type in tqdm(gguf_tensors(folder, config, file_type), total=count,
-                                          desc=f"{folder.name} -> {out.name} ({file_type})", unit="tensor"):
-            writer.add_tensor(name, data, raw_dtype=ggml_type)
+        add_tensors(writer, folder, config, file_type, desc=f"{folder.name} -> {out.name} ({file_type})")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
