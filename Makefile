@@ -24,7 +24,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test browser app chat gguf recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
+.PHONY: setup data model demo test browser dictionaries clean-data app chat gguf recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -53,7 +53,7 @@ demo: data model
 	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained --num_examples 8 \
 		--max_new_tokens 64 --output_dir runs/demo-eval --results_md runs/demo-eval/RESULTS.md
 
-test: data model browser
+test: data model browser dictionaries
 	$(PY) -m pytest -q tests
 
 # tests/test_app.py drives headless Chromium; on Debian/Ubuntu install it (as root, or through sudo) when missing.
@@ -63,6 +63,24 @@ browser:
 		else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 			$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
 			|| echo "WARNING: could not install chromium chromium-driver: the browser tests will skip"; fi; }
+
+# clean.py's names and spelling rules read Debian's hunspell dictionaries (en_US and the medical en_med); install them
+# (as root, or through sudo) when missing. Without them those rules stop with one line and their tests skip.
+dictionaries:
+	@test -f /usr/share/hunspell/en_US.dic && test -f /usr/share/hunspell/en_med_glut.dic || { \
+		if ! command -v apt-get >/dev/null; then echo "note: no apt-get: install hunspell-en-us and hunspell-en-med, or run clean.py with --no-names --no-spelling"; \
+		else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+			$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends hunspell-en-us hunspell-en-med \
+			|| echo "WARNING: could not install hunspell-en-us hunspell-en-med: clean.py's names and spelling rules will stop (pass --no-names --no-spelling), their tests skip"; fi; }
+
+# Clean a real conversation file (HealthCareMagic-100k.json, iCliniq): make clean-data IN=HealthCareMagic-100k.json
+# OUT=data/hcm-clean.json [CLEAN_ARGS="--no-spelling"]. The report lands beside OUT (README "Making the data").
+IN ?=
+OUT ?= $(basename $(IN))-clean$(suffix $(IN))
+CLEAN_ARGS ?=
+clean-data: setup dictionaries
+	@test -n "$(IN)" || { echo "usage: make clean-data IN=conversations.json [OUT=cleaned.json] [CLEAN_ARGS=...]"; exit 2; }
+	$(PY) clean.py $(IN) $(OUT) $(CLEAN_ARGS)
 
 # The full two-stage recipe with the paper's settings: make recipe BASE_MODEL=/path/to/llama-7b NGPUS=4
 # QLoRA of LLaMA-7B on one GPU: make recipe BASE_MODEL=/path/to/llama-7b LORA=1 QLORA=1 NGPUS=1

@@ -194,6 +194,12 @@ class Dictionaries:
         return found.pop() if len(found) == 1 else None
 
 
+@functools.lru_cache(maxsize=2)
+def load_dictionaries(folder):
+    """One Dictionaries per folder and process (spylls takes a second or two to read en_US)."""
+    return Dictionaries(folder)
+
+
 def _read_word_list(path):
     words = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -310,6 +316,8 @@ def normalise_sites(text, keep_chatdoctor):
         def replace(m, original, replacement=replacement, kind=kind):
             if kind == "mention" and keep_chatdoctor and CHATDOCTOR.search(m.group(0)):
                 return original[m.start():m.end()]
+            if kind == "sign-off" and not SIGN_OFF_BEFORE.search(original[max(0, m.start() - 60):m.start()]):
+                return original[m.start():m.end()]  # "... on anti-tubercular ChatDoctor.": words replaced (issue 58)
             counts[kind] += 1
             return m.expand(replacement)
         text = pattern.sub(replace, text, low)
@@ -476,6 +484,9 @@ def _merge(spans):
     return merged
 
 
+SPECIALIST = re.compile(r"(?i)[a-z]+(?:ist|ian|eon)|doctor|physician|surgeon|consultant|gp|dr\.?")
+
+
 def redact_names(text, spans, placeholder):
     """Greeting and sign-off names go ('Hi John,' -> 'Hi,'), 'Dr. Smith' in a sentence becomes 'the doctor', any
     other name the placeholder."""
@@ -485,7 +496,11 @@ def redact_names(text, spans, placeholder):
         if kind in ("greeting", "sign-off"):
             replacement = ""
         elif kind == "doctor":
-            replacement = "The doctor" if _sentence_start(text, start) else "the doctor"
+            before = text[max(0, start - 30):start].split()
+            if before and SPECIALIST.fullmatch(before[-1]):
+                replacement = ""  # "her neurologist Dr. Mehta" -> "her neurologist"
+            else:
+                replacement = "The doctor" if _sentence_start(text, start) else "the doctor"
         else:
             replacement = placeholder
         out.append(replacement)
@@ -743,13 +758,24 @@ def snippet(text, start=0, end=None, width=70):
     return ("…" if lo else "") + text[lo:hi] + ("…" if hi < len(text) else "")
 
 
+def changed_part(before, after, width=50):
+    """The stretch of two texts that differs, with `width` characters of context: what an example shows."""
+    start = 0
+    while start < min(len(before), len(after)) and before[start] == after[start]:
+        start += 1
+    end = 0
+    while end < min(len(before), len(after)) - start and before[-1 - end] == after[-1 - end]:
+        end += 1
+    return (snippet(before, start, len(before) - end, width), snippet(after, start, len(after) - end, width))
+
+
 class Cleaner:
     def __init__(self, rules, min_words=MIN_WORDS, dedup_threshold=DEDUP_THRESHOLD, placeholder=NAME_PLACEHOLDER,
                  examples=EXAMPLES):
         self.rules = [r for r in RULES if r in rules]
         self.min_words, self.placeholder, self.limit = min_words, placeholder, examples
         self.stats = {r: RuleStats(r) for r in self.rules}
-        self.dictionaries = Dictionaries() if {"names", "spelling"} & set(self.rules) else None
+        self.dictionaries = load_dictionaries(HUNSPELL_DIR) if {"names", "spelling"} & set(self.rules) else None
         self.finder = NameFinder(self.dictionaries) if "names" in self.rules else None
         if "dedup" in self.rules:
             from datasketch import MinHashLSH
@@ -791,8 +817,8 @@ class Cleaner:
             if new != text:
                 changed = True
                 stats.kinds.update(counts)
-                stats.example({"record": index, "field": field, "before": snippet(text), "after": snippet(new)},
-                              self.limit)
+                before, after = changed_part(text, new)
+                stats.example({"record": index, "field": field, "before": before, "after": after}, self.limit)
                 texts[field] = new
         stats.changed += changed
 

@@ -28,7 +28,7 @@ ANSWER = ("Hi, Thanks for query. Your symptoms suggest a muscular strain. Take r
 def dictionaries():
     if not HAVE_DICTIONARIES:
         pytest.skip("hunspell dictionaries not installed (make dictionaries)")
-    return clean.Dictionaries()
+    return clean.load_dictionaries(clean.HUNSPELL_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -265,13 +265,13 @@ def test_report_json_summary_and_chart(tmp_path):
     assert (tmp_path / "rep-out.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_missing_dictionaries_is_one_line(tmp_path, monkeypatch):
+def test_missing_dictionaries_is_one_line(tmp_path, monkeypatch, capsys):
     src = write_json(tmp_path / "in.json", [record()])
     monkeypatch.setattr(clean, "HUNSPELL_DIR", tmp_path / "none")
-    monkeypatch.setattr(clean.Dictionaries.__init__, "__defaults__", (tmp_path / "none",))
     with pytest.raises(SystemExit) as exit_info:
         clean.main([str(src), str(tmp_path / "out.json"), "--quiet"])
     assert exit_info.value.code == 2 and not (tmp_path / "out.json").exists()
+    assert "hunspell-en-us and hunspell-en-med dictionaries are not installed" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad input
