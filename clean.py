@@ -26,7 +26,7 @@ The rules, in the order they run (`--no-RULE` switches one off, `--rules a,b` ru
   english     drop: non-English text (share of English function words, share of Latin letters)
   spelling    change: a misspelt word fixed only when the hunspell en_US + en_med dictionaries give exactly one
               word at edit distance 1 with the same first letter
-  dedup       drop: exact and near duplicates (MinHash LSH over word 3-grams), keeping the first
+  dedup       drop: exact and near duplicates (MinHash LSH over character 16-grams), keeping the first
 
 Every dropped record goes, with its reason, to OUT's `.dropped.jsonl` beside the report. The same input and
 flags always give the same output file.
@@ -65,12 +65,10 @@ SHAPES = {
                 "text": ("input", "answer_icliniq", "answer_chatgpt", "answer_chatdoctor")},
 }
 RULES = ("empty", "contacts", "sites", "chatdoctor", "names", "truncated", "english", "spelling", "dedup")
-DROP_RULES = {"empty", "chatdoctor", "truncated", "english", "dedup"}
 
-CONSTANT_TEXTS = {CHATDOCTOR_INSTRUCTION,
-                  "If you are a doctor, please answer the medical questions based on the patient's description."}
+CONSTANT_TEXTS = {CHATDOCTOR_INSTRUCTION}  # HealthCareMagic's and iCliniq's instruction: skipped by the text rules
 MIN_WORDS = 3              # fewer words than this in a question or answer: nothing to learn from
-DEDUP_THRESHOLD = 0.8      # Jaccard similarity of word 3-gram sets above which two records are one
+DEDUP_THRESHOLD = 0.8      # Jaccard similarity of character 16-gram sets from which two records are one
 DEDUP_PERMUTATIONS = 64    # MinHash size: 64 keeps the LSH error small at 0.8 and costs half of 128
 EXAMPLES = 5               # examples per rule in the report
 NAME_PLACEHOLDER = "[NAME]"
@@ -97,7 +95,8 @@ DISEASE_WORDS = r"(?:disease|syndrome|palsy|disorder|sign|test|cyst|tumou?r|lymp
 GREETINGS = r"(?:hi|hello|hey|dear|hii+|hy|good\s+(?:morning|afternoon|evening|day))"
 SIGN_OFFS = r"(?:regards|best\s+regards|warm\s+regards|kind\s+regards|with\s+best\s+regards|warmest\s+regards|" \
             r"thanks?(?:\s+(?:you|and\s+regards))?|thank\s+you|" \
-            r"take\s+care|best\s+wishes|wishing\s+you\s+(?:good|a\s+speedy)\s+\w+|sincerely|yours\s+(?:truly|sincerely)|" \
+            r"take\s+care|best\s+wishes|wishing\s+you\s+(?:good|a\s+speedy)\s+\w+|sincerely|" \
+            r"yours\s+(?:truly|sincerely)|" \
             r"cheers|best|god\s+bless)"
 TITLES = r"(?:Dr|DR|dr|Doctor|Mr|Mrs|Ms|Miss|Mx|Prof)"
 # Words that follow a greeting or a title without being a name.
@@ -350,7 +349,8 @@ def tidy(text):
 # Where a name may follow: each pattern matches up to the name; NameFinder reads the words after it.
 GREETING_AT = Lowered(rf"(?P<greeting>{GREETINGS}\b[ \t]*(?:,[ \t]*(?=(?:dr|doctor|mr|mrs|ms|miss|prof)\b))?)")
 SIGN_OFF_AT = Lowered(rf"(?P<sign_off>{SIGN_OFFS}\s*[,.!-]?\s*)")
-INTRODUCTION_AT = Lowered(r"(?P<named>(?:my\s+name\s+is|myself|named|called)\s+)|(?P<introduced>(?:i\s+am|i'm|this\s+is)\s+)")
+INTRODUCTION_AT = Lowered(r"(?P<named>(?:my\s+name\s+is|myself|named|called)\s+)|"
+                          r"(?P<introduced>(?:i\s+am|i'm|this\s+is)\s+)")
 # A greeting opens a message (or a line), a sign-off closes it: only these stretches are searched for them.
 GREETING_REACH, SIGN_OFF_REACH = 150, 250
 TITLE_AT = re.compile(rf"(?P<title>{TITLES})(?![\w.]*@)(?:\.\s*|\s+)")
@@ -509,7 +509,6 @@ def redact_names(text, spans, placeholder):
     return tidy("".join(out))
 
 
-WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 LOWER_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 ENGLISH_MIN_SHARE = 0.2
 TOKEN = re.compile(r"\b[a-z]{4,}\b")
@@ -777,6 +776,7 @@ class Cleaner:
         self.stats = {r: RuleStats(r) for r in self.rules}
         self.dictionaries = load_dictionaries(HUNSPELL_DIR) if {"names", "spelling"} & set(self.rules) else None
         self.finder = NameFinder(self.dictionaries) if "names" in self.rules else None
+        self.lower_case_names = frozenset(n.lower() for n in person_names())  # "sunita" is not a misspelling
         if "dedup" in self.rules:
             from datasketch import MinHashLSH
             from datasketch import MinHash
@@ -861,11 +861,8 @@ class Cleaner:
                 return f"{what} is not English: {text[:80]!r}"
 
     def rule_spelling(self, index, texts, shape, stats):
-        protected = {n.lower() for n in person_names()} if not hasattr(self, "_protected") else self._protected
-        self._protected = protected
-
         def change(text):
-            new, changes = correct_spelling(text, self.dictionaries, protected)
+            new, changes = correct_spelling(text, self.dictionaries, self.lower_case_names)
             return new, Counter(f"{a} -> {b}" for a, b in changes)
         self._change_each(index, texts, stats, change)
         if len(stats.kinds) > 4096:  # keep the per-word tally bounded: the most common corrections survive
@@ -944,9 +941,9 @@ def clean_file(in_path, out_path, cleaner, report_path=None, dropped_path=None, 
     if in_path.resolve() == out_path.resolve():
         raise CleanError(f"{out_path}: the output would overwrite the input")
     fmt, indent, ensure_ascii = sniff_format(in_path)
-    report_path = Path(report_path) if report_path else out_path.with_name(out_path.name.split(".")[0] + ".report.json")
+    report_path = Path(report_path) if report_path else out_path.with_name(out_path.stem + ".report.json")
     dropped_path = Path(dropped_path) if dropped_path else report_path.with_name(
-        report_path.name.replace(".report.json", "") .replace(".json", "") + ".dropped.jsonl")
+        report_path.name.replace(".report.json", "").replace(".json", "") + ".dropped.jsonl")
     writer = AtomicWriter(out_path, fmt, indent, ensure_ascii)
     dropped = AtomicWriter(dropped_path, "jsonl", None, False)
     bar = tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc="clean", mininterval=1.0,
@@ -1005,7 +1002,7 @@ def parse_args(argv=None):
     parser.add_argument("--min_words", type=int, default=MIN_WORDS, help="empty: fewest words a question or answer "
                                                                           "may have")
     parser.add_argument("--dedup_threshold", type=float, default=DEDUP_THRESHOLD,
-                        help="dedup: Jaccard similarity of word 3-grams at which two records are one")
+                        help="dedup: Jaccard similarity of character 16-grams from which two records are one")
     parser.add_argument("--name_placeholder", default=NAME_PLACEHOLDER,
                         help="names: what a name inside a sentence becomes (greeting and sign-off names are removed)")
     parser.add_argument("--examples", type=int, default=EXAMPLES, help="examples per rule in the report")

@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,8 @@ from utils import CHATDOCTOR_INSTRUCTION, GENMEDGPT_PATH, replace_markdown_secti
 NAMES = ["John", "Priya", "Rahul Sharma", "Jane Smith", "Sumanth", "Ilir Sharka", "Maria", "Ahmed", "Kavya Rao"]
 GREETINGS = ["Hi {n}, Thanks for query.", "Hello and welcome to Chat Doctor.", "Hi, Thanks for asking Chat Doctor.",
              "Hello {n}. Thanks for your question on HealthcareMagic.", "Hi, Thank you for posting your query."]
-SIGN_OFFS = ["Regards, Dr. {n}", "Thanks, Dr. {n}", "Take care.", "Wishing you good health. Dr. {n}", "Hope this helps."]
+SIGN_OFFS = ["Regards, Dr. {n}", "Thanks, Dr. {n}", "Take care.", "Wishing you good health. Dr. {n}",
+             "Hope this helps."]
 HINGLISH = "mujhe do din se bukhar hai aur sar mein dard bhi hai kya karu doctor sahab please batao"
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_clean_names  # noqa: E402
 
-HAVE_DICTIONARIES = (clean.HUNSPELL_DIR / f"{clean.EN_US}.dic").is_file() and (clean.HUNSPELL_DIR / clean.EN_MED).is_file()
+HAVE_DICTIONARIES = all((clean.HUNSPELL_DIR / name).is_file() for name in (f"{clean.EN_US}.dic", clean.EN_MED))
 needs_dictionaries = pytest.mark.skipif(not HAVE_DICTIONARIES, reason="hunspell-en-us / hunspell-en-med not "
                                         "installed (make dictionaries)")
 HCM = "If you are a doctor, please answer the medical questions based on the patient's description."
@@ -143,7 +143,8 @@ ISSUE_58 = [
 
 def test_chat_doctor_inside_a_sentence_drops_the_record_and_is_sampled(tmp_path):
     records = [record(answer="Hi, Thanks for asking Chat Doctor. " + ANSWER)] + \
-        [record(question=QUESTION + f" Case {i}.", answer=f"Hello. {text} Take care.") for i, text in enumerate(ISSUE_58)]
+        [record(question=QUESTION + f" Case {i}.", answer=f"Hello. {text} Take care.")
+         for i, text in enumerate(ISSUE_58)]
     cleaned, report = run(tmp_path, "issue58", records, "--rules", "sites,chatdoctor")
     assert len(cleaned) == 1 and "Chat Doctor" not in cleaned[0]["output"]
     assert report["rules"]["chatdoctor"]["dropped"] == 4
