@@ -318,3 +318,19 @@ def test_command_line_exit_code_and_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.strip() == \
         f"error: {src}: record 0: unknown shape (fields ['input', 'instruction']); expected Alpaca / " \
         "HealthCareMagic ('instruction', 'input', 'output') or iCliniq ('input', 'answer_icliniq')"
+
+
+@needs_dictionaries
+@pytest.mark.slow
+def test_cleaned_file_trains_with_train_py(tmp_path, tiny_model_dir):
+    """data/clean_sample.json cleaned, then two train.py steps on the output as it is (the tiny LLaMA)."""
+    import train
+
+    out = tmp_path / "sample-clean.json"
+    report = clean.main([str(ROOT / "data" / "clean_sample.json"), str(out), "--quiet"])
+    assert report["written"] == 6 and report["dropped"] == 6
+    train.train(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(out), "--output_dir",
+                 str(tmp_path / "model"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                 "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(tmp_path / "cache")])
+    state = json.loads((tmp_path / "model" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
