@@ -148,16 +148,20 @@ def person_names():
     return frozenset(names)
 
 
+EPONYM_IN_NAME = re.compile(r"\b([A-Z][a-z]+)(?:'s|s'|’s)?(?=\s+(?:disease|syndrome|palsy|anomaly|sarcoma|lymphoma|"
+                            r"fever|contracture|tumou?r|disorder|neuroma|esophagus|diverticulum|thyroiditis)\b)")
+
+
 @functools.lru_cache(maxsize=None)
 def eponyms(database=Path(__file__).resolve().parent / "format_dataset.csv"):
-    """Capitalised words of the disease database's names ("Parkinson disease", "Cushing syndrome", "Down
-    syndrome") that are also person names, plus EPONYMS_EXTRA."""
+    """Person names that name a disease in the disease database ("Parkinson disease", "Turner syndrome",
+    "Wilson disease"), plus EPONYMS_EXTRA."""
     found = set(EPONYMS_EXTRA)
     if database.is_file():
         import csv
         with open(database, encoding="utf-8", newline="") as f:
             for row in csv.DictReader(f):
-                for word in re.findall(r"\b[A-Z][a-z]+(?=(?:'s|s'|’s)?\b)", row.get("disease") or ""):
+                for word in EPONYM_IN_NAME.findall(row.get("disease") or ""):
                     if word in person_names():
                         found.add(word)
     return frozenset(found)
@@ -626,7 +630,7 @@ def sniff_format(path):
     stripped = head.lstrip()
     if not stripped:
         raise CleanError(f"{path}: file is empty")
-    ensure_ascii = b"\\u" in head and all(b < 128 for b in head)
+    ensure_ascii = b"\\u" in head and head.isascii()
     if stripped[:1] == b"{":
         return "jsonl", None, ensure_ascii
     if stripped[:1] != b"[":
@@ -748,7 +752,7 @@ class RuleStats:
 
     def as_dict(self):
         return {"dropped": self.dropped, "changed_records": self.changed, "changes": dict(sorted(self.kinds.items())),
-                "seconds": round(self.seconds, 3), "examples": self.examples}
+                "cpu_seconds": round(self.seconds, 3), "examples": self.examples}
 
 
 def snippet(text, start=0, end=None, width=70):
@@ -938,6 +942,8 @@ def clean_file(in_path, out_path, cleaner, report_path=None, dropped_path=None, 
         raise CleanError(f"{in_path}: file not found")
     if in_path.is_dir():
         raise CleanError(f"{in_path}: is a directory, expected a data file")
+    if out_path.is_dir():
+        raise CleanError(f"{out_path}: is a directory, expected the output file's path")
     if in_path.resolve() == out_path.resolve():
         raise CleanError(f"{out_path}: the output would overwrite the input")
     fmt, indent, ensure_ascii = sniff_format(in_path)
