@@ -206,7 +206,7 @@ def test_hcm_json_keeps_its_format_fields_and_order(tmp_path):
     cleaned, report = run(tmp_path, "hcm", [first, record(question="Hello doctor, my child has had a rash for a "
                                                                    "week and it itches at night. What to do?")])
     src_text = (tmp_path / "hcm-out.json").read_text(encoding="utf-8")
-    assert src_text.startswith('[\n    {\n        "instruction": ')  # the input's indent 4
+    assert src_text == json.dumps(cleaned, indent=4) + "\n"  # the input's layout: indent 4, ASCII escapes
     assert list(cleaned[0]) == ["instruction", "input", "output", "source"] and cleaned[0]["source"] == "hcm-17"
     assert cleaned[0]["output"] == "Hi, Thanks for asking us. " + ANSWER + " Regards"
     assert report["format"] == "json" and report["shape"] == "alpaca" and report["written"] == 2
