@@ -48,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import CHATDOCTOR_INSTRUCTION, fail
+from prompts import CHATDOCTOR_INSTRUCTION
+from utils import fail
 
 HUNSPELL_DIR = Path(os.environ.get("CLEAN_HUNSPELL_DIR", "/usr/share/hunspell"))
 EN_US = "en_US"                     # Debian hunspell-en-us: en_US.dic + en_US.aff

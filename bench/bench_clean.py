@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import machine  # noqa: E402
-from utils import CHATDOCTOR_INSTRUCTION, GENMEDGPT_PATH, replace_markdown_section  # noqa: E402
+from prompts import CHATDOCTOR_INSTRUCTION  # noqa: E402
+from utils import GENMEDGPT_PATH, replace_markdown_section  # noqa: E402
 
 NAMES = ["John", "Priya", "Rahul Sharma", "Jane Smith", "Sumanth", "Ilir Sharka", "Maria", "Ahmed", "Kavya Rao"]
 GREETINGS = ["Hi {n}, Thanks for query.", "Hello and welcome to Chat Doctor.", "Hi, Thanks for asking Chat Doctor.",
