@@ -667,6 +667,33 @@ def sniff_format(path):
     return "json", indent, ensure_ascii
 
 
+MAX_DEPTH = 32  # a record is a flat object; deeper nesting is a broken or hostile file
+
+
+def array_items(ijson, reader, path):
+    """The elements of a top-level JSON array, one at a time, built from ijson's prefix-free events: ijson.items
+    keeps a dotted prefix per level, which for a 100,000-deep array takes tens of GB before any error."""
+    builder, depth = None, 0
+    for event, value in ijson.basic_parse(reader, use_float=True):
+        if event in ("start_map", "start_array"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise CleanError(f"{path}: JSON nested too deeply (over {MAX_DEPTH} levels) near byte "
+                                 f"{reader.offset}")
+            if depth == 1:
+                continue  # the top-level array itself
+        elif event in ("end_map", "end_array"):
+            depth -= 1
+            if depth == 0:
+                return
+        if builder is None:
+            builder = ijson.ObjectBuilder()
+        builder.event(event, value)
+        if depth == 1:  # an element just ended (an object, an array, or a scalar)
+            yield builder.value
+            builder = None
+
+
 def read_records(path, fmt, progress):
     """Yield (index, record) streaming; progress(bytes_read) is called now and then."""
     import ijson
@@ -674,7 +701,7 @@ def read_records(path, fmt, progress):
         reader = Utf8Reader(raw, path)
         if fmt == "json":
             try:
-                for index, record in enumerate(ijson.items(reader, "item", use_float=True)):
+                for index, record in enumerate(array_items(ijson, reader, path)):
                     yield index, record
                     if index % 512 == 0:
                         progress(reader.offset)
@@ -697,6 +724,8 @@ def read_records(path, fmt, progress):
                     continue
                 try:
                     record = json.loads(text)
+                except RecursionError:
+                    raise CleanError(f"{path}: line {line_no}: JSON nested too deeply") from None
                 except json.JSONDecodeError as e:
                     hint = " (a single pretty-printed JSON object? expected one record per line)" if line_no == 1 \
                         and text.strip() == "{" else ""
@@ -728,6 +757,12 @@ def check_record(path, index, record, shape):
         if field in record and not isinstance(record[field], str):
             kind = "null" if record[field] is None else type(record[field]).__name__
             raise CleanError(f"{path}: record {index}: field '{field}' must be a string, got {kind}")
+        if field in record and not record[field].isascii():
+            try:
+                record[field].encode("utf-8")
+            except UnicodeEncodeError:
+                raise CleanError(f"{path}: record {index}: field '{field}' holds an invalid \\u escape (lone "
+                                 "surrogate)") from None
 
 
 class AtomicWriter:

@@ -292,6 +292,11 @@ BAD = [
     ("broken.json", b'[{"instruction": "x", "output": "y"}, {"instruction": ', "not valid JSON"),
     ("object.json", b'{\n "instruction": "x",\n "output": "y"\n}\n', "line 1: not valid JSON"),
     ("text.json", b"hello", "not JSON or JSONL"),
+    ("surrogate.jsonl", b'{"instruction": "x", "input": "\\ud800 pain", "output": "y z w"}\n',
+     "record 0: field 'input' holds an invalid \\u escape (lone surrogate)"),
+    ("deep.jsonl", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "line 1: JSON nested too deeply"),
+    ("deep.json", b"[" + b"[" * 100_000 + b"]" * 100_000 + b"]", "nested too deeply"),
+    ("numbers.json", b"[1, 2]", "record 0: expected a JSON object, got int"),
 ]
 
 
