@@ -102,13 +102,14 @@ def write_section(path, result, records, spelling_records):
         "| run | records | input | records per CPU second | records per wall second | CPU | wall | peak memory | "
         "load average (start → end) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|", *rows, "",
         f"Wall time by rule (every rule but spelling; shared like the wall column): {rules}; the rest is reading, "
-        "writing and the report. "
-        "Records per CPU second is the figure to judge on a shared machine: wall time counts every other process "
-        "on the 2 cores (a load average above 2 means they were shared). The goal is 2,000 records/s for "
-        "everything but spelling (issue 21). Peak memory is the process's VmHWM: the interpreter, numpy, "
-        "the dictionaries and the name list (about 270 MB before the first record) plus the duplicate index, "
-        "the only part that grows with the input. Spelling is slow by design: each distinct unknown word is "
-        "checked against every edit at distance 1 in spylls' pure-Python hunspell, then cached.",
+        "writing and the report. Records per CPU second is the figure to judge on a shared machine: wall time "
+        "counts every other process on the 2 cores (a load average above 2 means they were shared). The goal is "
+        "2,000 records/s for everything but spelling (issue 21). Peak memory is the process's VmHWM: the "
+        "interpreter, numpy, the dictionaries and the name list (the spelling-only run's peak is about that) "
+        "plus the duplicate index, the only part that grows with the input (about 2 KB per kept record: the "
+        "LSH's band keys and an 8-byte digest). The spelling row is a best case: these records are "
+        "recombined GenMedGPT sentences with few misspellings, and spelling's cost is per distinct unknown word "
+        "(every edit at distance 1 looked up in spylls' pure-Python hunspell, about 30-100 ms, then cached).",
     ])
     replace_markdown_section(path, section, "<!-- clean:begin -->", "<!-- clean:end -->",
                              heading="## Cleaning real conversations (`bench/bench_clean.py`)")
