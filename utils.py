@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,7 +71,8 @@ def write_atomic(path, data):
     a crash: the data is on disk before the rename). The parent folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # host and pid: writers on several nodes of a shared filesystem (the tokenized cache) never share a temp file
+    tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
