@@ -266,7 +266,8 @@ def apply_lora(model, args, base_model_path):
 def describe_strategy(trainer):
     args = trainer.args
     if trainer.is_fsdp_enabled:
-        return f"FSDP over {args.world_size} GPUs, wrapping {args.fsdp_config.get('transformer_layer_cls_to_wrap')}"
+        wrapped = args.fsdp_config.get("transformer_layer_cls_to_wrap")
+        return f"FSDP over {args.world_size} GPUs, wrapping {wrapped}{describe_nodes(args)}"
     ddp = f"DDP over {args.world_size} {'GPU' if torch.cuda.is_available() else 'CPU'} processes ({args.ddp_backend or 'nccl'})"
     return ddp + describe_nodes(args) if args.world_size > 1 else f"single process on {args.device}"
 
@@ -372,9 +373,9 @@ def claim_output_dir(args, fingerprint):
 
 def check_ranks_share_output_dir(args, fingerprint, resume):
     """Every rank must resume from the same checkpoint. Global rank 0 alone writes checkpoints (other ranks add
-    their RNG state, and FSDP shards when sharded) and the final model; a node that does not mount output_dir
-    would resume from nothing while the others resume from a checkpoint, and hang them. Refused here, before
-    training; an output_dir the other nodes cannot see is a warning (the run trains, but cannot resume)."""
+    their RNG state) and the final model; a node that does not mount output_dir would start afresh while the
+    others resume from a checkpoint, with other step counts and optimizer state. Refused here, before training;
+    an output_dir that other nodes cannot see at the start is a warning (the run trains, but cannot resume)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 

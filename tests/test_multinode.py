@@ -187,7 +187,7 @@ def test_two_nodes_train_as_one_job_stop_together_and_resume(common_args, node_s
 @pytest.mark.slow
 def test_a_node_that_does_not_see_the_checkpoints_is_refused_before_training(common_args, node_script, tmp_path):
     """Two hosts whose output_dir is not one shared folder: one finds a checkpoint, the other none. Resuming on one
-    and starting afresh on the other would hang both at the end; both stop at once with one line instead."""
+    and starting afresh on the other would train from two states; both stop before training with one line."""
     hosts = [tmp_path / "host0", tmp_path / "host1"]
     for host in hosts:
         host.mkdir()
@@ -211,3 +211,16 @@ def test_a_node_that_does_not_see_the_checkpoints_is_refused_before_training(com
         assert f"checkpoint-{SAVE_STEPS}" in errors[0] and ": none" in errors[0]
         assert "filesystem that every node mounts" in errors[0]
     assert not (tmp_path / "order" / "rank-1.jsonl").exists()  # refused before any step
+
+
+def test_data_order_log_names_each_example_once_an_epoch_and_changes_no_loss(common_args, tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("logged", ["--data_order_log", str(tmp_path / "order")])):
+        trainer = train.train([*common_args, "--output_dir", str(tmp_path / name), "--per_device_train_batch_size", "4",
+                               "--max_steps", "8", "--save_strategy", "no", *extra])  # 8 x 4 x 2 = 64: one epoch
+        runs[name] = losses(trainer.state.log_history)
+    assert runs["logged"] == runs["plain"]
+    lines = [json.loads(line) for line in (tmp_path / "order" / "rank-0.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [step for step in range(1, 9) for _ in range(2)]  # 2 accumulated
+    assert all(len(line["examples"]) == 4 and line["rank"] == 0 for line in lines)
+    assert sorted(i for line in lines for i in line["examples"]) == list(range(64))
