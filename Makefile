@@ -85,13 +85,15 @@ RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_dev
 # global ranks itself (torchrun ignores --node_rank with c10d). Each stage is its own rendezvous (RDZV_ID-stageN).
 NNODES ?= 1
 NODE_RANK ?= 0
-MASTER_ADDR ?= 127.0.0.1
+MASTER_ADDR ?=
 MASTER_PORT ?= 29500
 RDZV_ID ?= chatdoctor
 ON_NODES = $(if $(filter 1,$(NNODES)),--standalone,--nnodes $(NNODES) --rdzv_backend c10d \
 	--rdzv_endpoint $(MASTER_ADDR):$(MASTER_PORT) --rdzv_id $(RDZV_ID)-$(1) --rdzv_conf is_host=$(if $(filter 0,$(NODE_RANK)),1,0))
 # Exactly the files named (never regenerated); train.py warns when stage 1 is the 999-record sample.
 recipe: setup
+	@test "$(NNODES)" = 1 || test -n "$(MASTER_ADDR)" || \
+		{ echo "error: make recipe NNODES=$(NNODES) needs MASTER_ADDR=<node 0's address>" >&2; exit 2; }
 	$(VENV)/bin/torchrun $(call ON_NODES,stage1) --nproc_per_node=$(NGPUS) train.py --model_name_or_path $(BASE_MODEL) \
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
 	$(VENV)/bin/torchrun $(call ON_NODES,stage2) --nproc_per_node=$(NGPUS) train.py --model_name_or_path models/stage1 \
