@@ -95,12 +95,26 @@ RECIPE_SHARDING := $(if $(LORA_ON),$(if $(filter 1,$(NGPUS) $(QLORA)),,$(RECIPE_
 RECIPE_ARGS := $(PAPER_ARGS) --packing $(PACKING) --num_train_epochs 3 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
 	--gradient_accumulation_steps 8 --logging_steps 1 --save_strategy steps --save_steps 2000 --save_total_limit 1 \
 	$(RECIPE_SHARDING) $(LORA_ARGS) $(EXTRA_ARGS)
+# One node: torchrun --standalone, a free port found at run time (no fixed --master_port to collide on).
+# Several (README, Multi-node): the same command on every node, NGPUS per node, e.g. on two nodes
+#   make recipe NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500   (on node0)
+#   make recipe NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 MASTER_PORT=29500   (on node1)
+# torchrun's c10d rendezvous: NODE_RANK 0 hosts it at MASTER_ADDR:MASTER_PORT (is_host); the rendezvous numbers the
+# global ranks itself (torchrun ignores --node_rank with c10d). Each stage is its own rendezvous (RDZV_ID-stageN).
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
+RDZV_ID ?= chatdoctor
+ON_NODES = $(if $(filter 1,$(NNODES)),--standalone,--nnodes $(NNODES) --rdzv_backend c10d \
+	--rdzv_endpoint $(MASTER_ADDR):$(MASTER_PORT) --rdzv_id $(RDZV_ID)-$(1) --rdzv_conf is_host=$(if $(filter 0,$(NODE_RANK)),1,0))
 # Exactly the files named (never regenerated); train.py warns when stage 1 is the 999-record sample.
-# torchrun --standalone: one node, a free port found at run time (no fixed --master_port to collide on).
 recipe: setup
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) train.py --model_name_or_path $(BASE_MODEL) \
+	@test "$(NNODES)" = 1 || test -n "$(MASTER_ADDR)" || \
+		{ echo "error: make recipe NNODES=$(NNODES) needs MASTER_ADDR=<node 0's address>" >&2; exit 2; }
+	$(VENV)/bin/torchrun $(call ON_NODES,stage1) --nproc_per_node=$(NGPUS) train.py --model_name_or_path $(BASE_MODEL) \
 		--data_path $(STAGE1_DATA) --output_dir models/stage1 $(RECIPE_ARGS)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) train.py --model_name_or_path models/stage1 \
+	$(VENV)/bin/torchrun $(call ON_NODES,stage2) --nproc_per_node=$(NGPUS) train.py --model_name_or_path models/stage1 \
 		--data_path $(STAGE2_DATA) --output_dir pretrained $(RECIPE_ARGS)
 
 # The longer CPU run behind docs/RESULTS.md: stage 1 for 8 steps of 8, stage 2 for 60 steps of 16, then make eval.

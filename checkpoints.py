@@ -315,3 +315,5 @@ class AtomicCheckpointTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+        if not self.args.should_save:  # a node that does not share output_dir keeps its RNG state in a stray folder
+            shutil.rmtree(staging, ignore_errors=True)

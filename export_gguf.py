@@ -213,7 +213,7 @@ def file_system_error(error, path):
     short_write = error.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(error))  # numpy's tofile
     disk_full = error.errno in DISK_FULL or short_write
     reason = "disk full" if disk_full else error.strerror or str(error) or type(error).__name__
-    named = error.filename and not re.fullmatch(r"\..+\.tmp\d+", Path(os.fsdecode(error.filename)).name)
+    named = error.filename and not re.fullmatch(r"\..+\.tmp\d+(-.*)?", Path(os.fsdecode(error.filename)).name)
     if named and Path(os.fsdecode(error.filename)) not in (path, path.parent):
         return f"{display_path(error.filename)}: {reason}"
     return f"{display_path(path)}: cannot write ({reason})"

@@ -13,14 +13,22 @@ The two stages of the paper are two runs: Alpaca data first, then the medical co
 stage-1 output (`make recipe`). `--data_path` takes one or more comma-separated files.
 LoRA instead of full fine-tuning: `--lora_r 8` (`make demo LORA=1`); QLoRA on one GPU adds `--load_in_4bit True`
 (`make recipe LORA=1 QLORA=1 NGPUS=1`). README, "LoRA / QLoRA".
+On two nodes (the same command on each; node 0 hosts torchrun's c10d rendezvous at MASTER_ADDR:PORT; output_dir
+on a filesystem both mount), or `make recipe NNODES=2 NODE_RANK=0|1 MASTER_ADDR=... MASTER_PORT=...`:
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 \
+        --rdzv_id chatdoctor --rdzv_conf is_host=1 train.py ...   # is_host=0 on node 1. README, "Multi-node".
 """
 import contextlib
 import difflib
 import importlib.util
+import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -66,6 +74,10 @@ class DataArguments:
     eval_data_path: Optional[str] = field(default=None, metadata={
         "help": "Held-out file(s) for --eval_strategy / --load_best_model_at_end (eval loss); same formats."})
     cache_dir: str = field(default=".cache/tokenized", metadata={"help": "Where tokenized data is cached."})
+    data_order_log: Optional[str] = field(default=None, metadata={
+        "help": "Folder: each rank appends to rank-<R>.jsonl one line per batch it trains on, with the optimizer step "
+                "and the indices of its training examples. Shows how ranks and nodes split each batch, where a "
+                "resumed run went on, and which examples were in a step whose loss spiked."})
 
 
 @dataclass
@@ -255,9 +267,21 @@ def apply_lora(model, args, base_model_path):
 def describe_strategy(trainer):
     args = trainer.args
     if trainer.is_fsdp_enabled:
-        return f"FSDP over {args.world_size} GPUs, wrapping {args.fsdp_config.get('transformer_layer_cls_to_wrap')}"
+        wrapped = args.fsdp_config.get("transformer_layer_cls_to_wrap")
+        return f"FSDP over {args.world_size} GPUs, wrapping {wrapped}{describe_nodes(args)}"
     ddp = f"DDP over {args.world_size} {'GPU' if torch.cuda.is_available() else 'CPU'} processes ({args.ddp_backend or 'nccl'})"
-    return ddp if args.world_size > 1 else f"single process on {args.device}"
+    return ddp + describe_nodes(args) if args.world_size > 1 else f"single process on {args.device}"
+
+
+def describe_nodes(args):
+    """', 2 nodes (this one: global ranks 2-3)' under a multi-node torchrun; '' on one node."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
+    if per_node >= args.world_size:
+        return ""
+    first = args.process_index - args.local_process_index
+    ranks = f"rank {first}" if per_node == 1 else f"ranks {first}-{first + per_node - 1}"
+    writer = ", which writes the output" if first == 0 else "; global rank 0 writes the output"
+    return f", {args.world_size // per_node} nodes (this one: global {ranks}{writer})"
 
 
 def warn_if_alpaca_sample(data_path):
@@ -281,6 +305,52 @@ def make_collator(training_args, tokenizer):
     return partial(utils.collate_padded, pad_token_id=tokenizer.pad_token_id)
 
 
+# ----------------------------------------------------------------------------- data order log
+
+EXAMPLE_INDEX = "example_index"  # batch key carrying the examples' indices to the Trainer (never to the model)
+
+
+class IndexedExamples(torch.utils.data.Dataset):
+    """The training examples, each carrying its index (only with --data_order_log)."""
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return {**self.examples[i], EXAMPLE_INDEX: i}
+
+
+def collate_with_indices(examples, collate):
+    indices = [e[EXAMPLE_INDEX] for e in examples]
+    batch = collate([{k: v for k, v in e.items() if k != EXAMPLE_INDEX} for e in examples])
+    batch[EXAMPLE_INDEX] = torch.tensor(indices)
+    return batch
+
+
+class ChatDoctorTrainer(AtomicCheckpointTrainer):
+    """The Trainer train.py runs: atomic checkpoints (checkpoints.py) and, with --data_order_log, one line per batch
+    naming the examples this rank trains on. The line is written where the batch is trained (training_step), not
+    where it is loaded: the data loader reads ahead, and a resumed run skips batches without loading them."""
+
+    def __init__(self, *args, data_order_log=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_order_path = Path(data_order_log) / f"rank-{self.args.process_index}.jsonl" if data_order_log else None
+        self.run_started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # tells a resumed run's lines from the killed one's
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        indices = inputs.pop(EXAMPLE_INDEX, None)
+        if indices is not None and self.data_order_path:
+            self.data_order_path.parent.mkdir(parents=True, exist_ok=True)
+            line = {"step": self.state.global_step + 1, "rank": self.args.process_index, "examples": indices.tolist(),
+                    "run_started": self.run_started}
+            with open(self.data_order_path, "a") as f:  # whole lines, flushed: a killed run leaves what it trained
+                f.write(json.dumps(line) + "\n")
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 def claim_output_dir(args, fingerprint):
     """Refuse another run's output_dir; return the checkpoint to resume from (None: start afresh).
     Re-running a killed command continues from its latest complete checkpoint."""
@@ -292,11 +362,13 @@ def claim_output_dir(args, fingerprint):
         resume = checkpoints.find_resume_checkpoint(args.output_dir, fingerprint)
     else:
         resume = None
-    if resume:
-        logger.info(f"resuming from {resume}")
     if args.should_save:
         os.makedirs(args.output_dir, exist_ok=True)
         checkpoints.write_fingerprint(args.output_dir, fingerprint)
+    if args.world_size > 1:
+        check_ranks_share_output_dir(args, fingerprint, resume)
+    if resume:
+        logger.info(f"resuming from {resume}")
     return resume
 
 
@@ -316,6 +388,31 @@ def claimed_output_dir(args, fingerprint):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only if empty: nothing but what the claim wrote
         raise
+
+
+def check_ranks_share_output_dir(args, fingerprint, resume):
+    """Every rank must resume from the same checkpoint. Global rank 0 alone writes checkpoints (other ranks add
+    their RNG state) and the final model; a node that does not mount output_dir would start afresh while the
+    others resume from a checkpoint, with other step counts and optimizer state. Refused here, before training;
+    an output_dir that other nodes cannot see at the start is a warning (the run trains, but cannot resume)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    PartialState().wait_for_everyone()  # rank 0 has written output_dir/run.json
+    seen = checkpoints.read_fingerprint(args.output_dir) or {}
+    views = gather_object([{"rank": args.process_index, "host": socket.gethostname(), "resume": resume,
+                            "sees_output_dir": seen.get("digest") == fingerprint["digest"]}])
+    where = "; ".join(f"rank {v['rank']} on {v['host']}: {Path(v['resume']).name if v['resume'] else 'none'}"
+                      for v in views)
+    if len({v["resume"] for v in views}) > 1:
+        raise OutputDirError(f"--output_dir {args.output_dir}: the ranks found different checkpoints to resume from "
+                             f"({where}); a multi-node run needs output_dir on a filesystem that every node mounts "
+                             "at the same path (README, Multi-node)")
+    blind = [f"rank {v['rank']} on {v['host']}" for v in views if not v["sees_output_dir"]]
+    if blind and args.process_index == 0:
+        logger.warning(f"--output_dir {args.output_dir} is not shared with {', '.join(blind)}: the model is written on "
+                       f"{socket.gethostname()} (global rank 0), but its checkpoints lack the other ranks' state and "
+                       "a resume will be refused; mount output_dir on every node (README, Multi-node)")
 
 
 def save_final_model(trainer, tokenizer, output_dir, trust_remote_code=False):
@@ -502,15 +599,25 @@ def train(argv=None, variations=Variations()):
     configure_fsdp(training_args, model)
 
     collator = make_collator(training_args, tokenizer)
-    trainer = AtomicCheckpointTrainer(
+    if variations.collator:
+        collator = variations.collator(collator)
+    if data_args.data_order_log:
+        train_dataset, collator = IndexedExamples(train_dataset), partial(collate_with_indices, collate=collator)
+        # The Trainer would drop the index before the collator (not a model input); the examples hold nothing else
+        # it could drop (input_ids, labels), so turning the removal off changes nothing else.
+        training_args.remove_unused_columns = False
+    trainer = ChatDoctorTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=variations.collator(collator) if variations.collator else collator, processing_class=tokenizer,
-        fingerprint=fingerprint, callbacks=list(variations.callbacks) or None,
+        data_collator=collator, processing_class=tokenizer, fingerprint=fingerprint,
+        callbacks=list(variations.callbacks) or None, data_order_log=data_args.data_order_log,
     )
     logger.info(f"strategy: {describe_strategy(trainer)}")
     trainer.train(resume_from_checkpoint=resume)
     if variations.save_final_model:
         save_final_model(trainer, tokenizer, training_args.output_dir, model_args.trust_remote_code)
+    # No rank returns before the model is published: the next command on any node (stage 2) may read it.
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
         logger.info(f"saved {training_args.output_dir}")
     return trainer
 
@@ -528,6 +635,29 @@ def main(argv=None):
             raise
         utils.fail(f"disk full while writing {e.filename or 'output'}: no checkpoint was left half-written; "
                    "free space and re-run the same command to resume from the last complete checkpoint")
+    except RuntimeError as e:
+        if not lost_another_rank(e):
+            raise
+        utils.fail(f"lost contact with another rank ({peer_error_summary(e)}): a node or process died or the network "
+                   "failed; re-run the same command on every node to resume from the last complete checkpoint")
+
+
+# What a collective raises when a peer is gone: torch's DistError family (NCCL, the TCP store, timeouts) and gloo's
+# plain RuntimeError ("Connection closed by peer" was measured with one of two loopback nodes killed).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_another_rank(error):
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return isinstance(error, torch.distributed.DistError) or any(text in str(error) for text in PEER_LOST)
+
+
+def peer_error_summary(error):
+    """'Read error [10.0.0.2]:31395: Connection reset by peer' from gloo's '[/path/pair.cc:537] Read error ...
+    by peer. This is typically caused by ...'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", utils.first_line(error))
+    return text.split(". ")[0][:200]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -76,7 +77,8 @@ def write_atomic(path, data):
     a crash: the data is on disk before the rename). The parent folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # pid and host: writers on several nodes of a shared filesystem (the tokenized cache) never share a temp file
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{socket.gethostname()}")
     with removed_unless_finished(tmp):
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
