@@ -617,7 +617,7 @@ def train(argv=None, variations=Variations()):
         save_final_model(trainer, tokenizer, training_args.output_dir, model_args.trust_remote_code)
     # No rank returns before the model is published: the next command on any node (stage 2) may read it.
     trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
+    if variations.save_final_model and trainer.is_world_process_zero():
         logger.info(f"saved {training_args.output_dir}")
     return trainer
 
