@@ -31,7 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import chat  # noqa: E402
-from prompts import DOCTOR, GREETING, SAFETY_NOTICE, sources_line  # noqa: E402
+from prompts import DOCTOR, GREETING, SAFETY_NOTICE, answer_sources_line  # noqa: E402
 from utils import DataError, ModelLoadError, fail, first_line, terminal_safe  # noqa: E402
 
 log = logging.getLogger("chatdoctor.app")
@@ -212,8 +212,8 @@ def answer(session, message, generation, model_lock, publish, cancelled):
             session.chat.set_generation(generation)
             text = session.chat.respond(message, on_text=on_text, on_notice=on_notice)
             reply["content"] = answer_prefix() + (text or "_(no answer: ask again, or try sampling)_")
-            if session.chat.last_hits:
-                reply["content"] += f"\n\n<small>{sources_line(session.chat.last_hits)}</small>"
+            if getattr(session.chat, "last_retrieval", None) is not None:
+                reply["content"] += f"\n\n<small>{answer_sources_line(session.chat.last_hits)}</small>"
         except Cancelled:
             session.shown = before  # as chat.py forgets an answer stopped with Ctrl-C
             return
@@ -253,7 +253,7 @@ def stream_answer(session, message, generation, model_lock):
 # ----------------------------------------------------------------------------- the page
 
 def sources_markdown(session):
-    return chat.sources_table(session.chat.last_hits).replace("\n", "  \n")
+    return chat.sources_table(getattr(session.chat, "last_retrieval", None)).replace("\n", "  \n")
 
 
 def client_address(request):

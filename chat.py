@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from prompts import (DEFAULT_PROMPT_STYLE, DOCTOR, GREETING, PATIENT, PROMPT_STYLES, SAFETY_NOTICE, build_chat_prompt,
-                     fit_history, format_context, grounded_message, next_turn_prefix, sources_line, visible_answer)
+from prompts import (DEFAULT_PROMPT_STYLE, DOCTOR, GREETING, PATIENT, PROMPT_STYLES, SAFETY_NOTICE, answer_sources_line,
+                     build_chat_prompt, fit_history, format_context, grounded_message, next_turn_prefix, visible_answer)
 from utils import DataError, ModelLoadError, fail, first_line, load_model, load_tokenizer, prompt_style_for
 from utils import terminal_safe
 
@@ -254,7 +254,7 @@ class Chat:
                  reuse_cache=True, static_cache=False, knowledge=None, k=None):
         self.model, self.tokenizer, self.style = model, tokenizer, style
         self.knowledge, self.k = knowledge, k  # a knowledge.KnowledgeBase: each message is grounded in its entries
-        self.last_hits = []
+        self.last_hits, self.last_retrieval = [], None  # the entries in the last prompt; all that was found
         self.context = context or context_window(model, tokenizer)
         # A static cache has a fixed size (what compiled decoding needs); every step attends over all of it.
         self.static_cache = static_cache
@@ -275,7 +275,7 @@ class Chat:
         self.generation, self.max_new_tokens, self.budget = generation, max_new_tokens, budget
 
     def reset(self):
-        self.turns, self.last_hits = [], []
+        self.turns, self.last_hits, self.last_retrieval = [], [], None
         self.drop_cache()
 
     def drop_cache(self):
@@ -319,13 +319,15 @@ class Chat:
         return answer
 
     def ground(self, message):
-        """`message` with the knowledge entries retrieved for it (unchanged without --knowledge)."""
+        """`message` with the knowledge entries retrieved for it: unchanged without --knowledge, or when the message
+        does not describe symptoms (knowledge.Retrieval.grounded; /sources still lists what was found)."""
         if self.knowledge is None:
             return message
         import knowledge
 
-        self.last_hits = self.knowledge.search(message, self.k or knowledge.DEFAULT_K)
-        return grounded_message(message, format_context(self.last_hits))
+        self.last_retrieval = self.knowledge.retrieve(message, self.k or knowledge.DEFAULT_K)
+        self.last_hits = self.last_retrieval.used
+        return grounded_message(message, format_context(self.last_hits)) if self.last_hits else message
 
     def respond_all(self, messages):
         return [self.respond(m) for m in messages]
@@ -550,22 +552,24 @@ def answer_once(chat, message, out, info, prefix=""):
         print(prefix, end="", file=out, flush=True)
 
     chat.respond(message, on_text=stream_to(out), on_notice=trimmed)
-    if chat.last_hits:
-        print(f"\n{terminal_safe(sources_line(chat.last_hits), one_line=True)}", end="", file=out, flush=True)
+    if getattr(chat, "last_retrieval", None) is not None:
+        print(f"\n{terminal_safe(answer_sources_line(chat.last_hits), one_line=True)}", end="", file=out, flush=True)
 
 
-def sources_table(hits):
-    if not hits:
+def sources_table(retrieval):
+    """/sources: the entries found for the last message, with their scores, and whether they went into the prompt."""
+    if retrieval is None or not retrieval.hits:
         return "(no knowledge entries retrieved yet: start with --knowledge and ask a question)"
-    return "\n".join(terminal_safe(f"{rank}. {entry.id} {entry.title} (score {score:.3f}; {entry.source})",
-                                   one_line=True) for rank, (entry, score) in enumerate(hits, 1))
+    rows = [terminal_safe(f"{rank}. {entry.id} {entry.title} (score {score:.3f}; {entry.source})", one_line=True)
+            for rank, (entry, score) in enumerate(retrieval.hits, 1)]
+    return "\n".join(rows + [f"({retrieval.reason()})"])
 
 
 def run_command(chat, command, out, info):
     """The slash commands the terminal and piped input share: /sources (its table on `out`), /help, and an
     unknown command (a notice on `info`). True when `command` was one of them."""
     if command == "/sources":
-        say(sources_table(chat.last_hits), out)
+        say(sources_table(getattr(chat, "last_retrieval", None)), out)
     elif command == "/help":
         say(HELP, info)
     elif command.startswith("/") and " " not in command:

@@ -323,14 +323,17 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
     style = prompt_style_for(model_path, prompt_style)
     model, tokenizer = load_model_and_tokenizer(model_path)
     k = k or knowledge.DEFAULT_K
-    hits = knowledge_base.search_batch([patient_message(r) for r in records], k) if mode == "knowledge" else None
+    # As chat.py: every message's entries are found (retrieval recall counts them), and they go into the prompt
+    # only when the message describes symptoms (knowledge.Retrieval.grounded).
+    retrievals = knowledge_base.retrieve_batch([patient_message(r) for r in records], k) if mode == "knowledge" else None
+    hits = [x.hits for x in retrievals] if retrievals else None
     start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "original":
         predictions, calls = original_pipeline_answers(model, tokenizer, records, knowledge_spec, max_new_tokens,
                                                        repetition_penalty, desc=name or "original")
     else:
-        messages = [grounded_message(patient_message(r), format_context(h))
-                    for r, h in zip(records, hits)] if hits else None
+        messages = [grounded_message(patient_message(r), format_context(x.used))
+                    for r, x in zip(records, retrievals)] if retrievals else None
         predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, desc=name or "generate",
                                        style=style, repetition_penalty=repetition_penalty, messages=messages)
         calls = [1] * len(records)
@@ -343,6 +346,7 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
         "generate_cpu_seconds": round(generate_cpu_s, 1),  # all threads; wall time suffers on a shared machine
         "generated_tokens": new_tokens,
         "model_calls_per_message": sum(calls) / len(calls),
+        "grounded_messages": sum(x.grounded for x in retrievals) if retrievals else None,
         "settings": {
             **(settings or {}), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
             "prompt_style": style if mode != "original" else "original pipeline", "repetition_penalty": repetition_penalty,

@@ -70,6 +70,24 @@ WEIGHTS = {
     "description": 0.5,  # cosine with the disease's description: lay wording ("after a long flight")
 }
 SCALED_SCORES = ("words", "phrases", "clauses")  # unbounded: divided by their best before adding up
+# The lay-language path. Patients' own words name few of the database's symptom names ("it burns when I pee", not
+# "Painful urination"): a message naming n < LAY_NAMED_SYMPTOMS of them is scored with the weights moved
+# (1 - n / LAY_NAMED_SYMPTOMS) of the way from WEIGHTS to LAY_WEIGHTS, the dense scores of the message against the
+# symptom list and the disease's description. Fitted on the GenMedGPT training split and the tuning part of
+# data/lay_questions.json together (bench/tune_knowledge.py); GenMedGPT questions name 3 symptom names (median),
+# lay ones 1.
+LAY_NAMED_SYMPTOMS = 3
+LAY_WEIGHTS = {"words": 0.0, "phrases": 0.0, "clauses": 0.0, "title": WEIGHTS["title"], "dense": 3.0, "description": 2.0}
+# A title that is also a word of a symptom name ("Burn": "Burning chest pain") is more often a symptom than the
+# disease named: "burning when passing urine" must not retrieve Burn first. Such titles count this much.
+AMBIGUOUS_TITLE = 0.25
+# Knowing when not to ground: the entries go into the prompt only when the message describes symptoms, measured as
+# its symptom evidence (the best cosine of the message or one of its clauses with any symptom name of the
+# database). Below GROUND_MIN_EVIDENCE ("is it safe to take ibuprofen with my sertraline?") the model answers
+# without them. The threshold is the best balanced accuracy between diagnosis questions and the tuning part of
+# data/non_diagnosis_questions.json (bench/tune_knowledge.py). A knowledge base without symptom names (passages)
+# always grounds.
+GROUND_MIN_EVIDENCE = 0.55
 # A message cut into clauses, mostly one symptom each; a clause "matches" a symptom name from this cosine on.
 CLAUSE_SPLIT = re.compile(r"[.,;!?]|\band\b|\balso\b|\bbut\b|\bwith\b")
 CLAUSE_MATCH = 0.7
@@ -460,6 +478,8 @@ class KnowledgeBase:
         self.phrase_terms = {key: set(key.split()) for key in (self.phrases.vocab_dict if self.phrases else {}) if key}
         self.titles = json.loads((path / "titles.json").read_text(encoding="utf-8"))
         self.longest_title = max((len(key.split()) for key in self.titles), default=0)
+        self.ambiguous_titles = {key for key in self.titles
+                                 if any(set(key.split()) <= need for need in self.phrase_terms.values())}
         self.embeddings = np.load(path / "embeddings.npy")
         self.symptom_matrix = self.symptom_embeddings = None
         if (path / "symptom_matrix.npz").is_file():
@@ -511,7 +531,7 @@ class KnowledgeBase:
         found = set(terms)
         zeros = np.zeros(len(self), dtype=np.float32)
         words = self.words.get_scores(terms) if terms else zeros
-        phrases = [key for key, need in self.phrase_terms.items() if need <= found]
+        phrases = self.named_symptoms(found)
         phrases = self.phrases.get_scores(phrases) if phrases else zeros
         clause_scores = zeros
         if self.symptom_matrix is not None and len(clause_vectors):
@@ -519,8 +539,8 @@ class KnowledgeBase:
             matched = np.clip((best - CLAUSE_MATCH) / (1 - CLAUSE_MATCH), 0, None)
             clause_scores = np.asarray(self.symptom_matrix @ matched).ravel()
         title = zeros.copy()
-        for ids in self.named_titles(terms):
-            title[ids] = 1.0
+        for span in self.named_titles(terms):
+            title[self.titles[span]] = AMBIGUOUS_TITLE if span in self.ambiguous_titles else 1.0
         if self.dense_index is None:
             candidates = slice(None)
         else:  # approximate: cosines only for the HNSW, BM25 and title candidates
@@ -535,26 +555,76 @@ class KnowledgeBase:
                 "description": description}
 
     def named_titles(self, terms):
-        """The entries whose title's words stand in the message in a row ("heart attack", not "attack ... heart")."""
+        """The titles whose words stand in the message in a row ("heart attack", not "attack ... heart")."""
         spans = {" ".join(terms[i:j]) for i in range(len(terms))
                  for j in range(i + 1, min(len(terms), i + self.longest_title) + 1)}
-        return [self.titles[span] for span in spans if span in self.titles]
+        return sorted(span for span in spans if span in self.titles)
 
-    def fused_scores(self, query, encoded, weights=WEIGHTS):
+    def named_symptoms(self, found):
+        """The symptom names (as phrase keys) whose every stem is among the message's stems `found`."""
+        return [key for key, need in self.phrase_terms.items() if need <= found]
+
+    def weights_for(self, query):
+        """WEIGHTS, moved towards LAY_WEIGHTS the fewer of the database's symptom names the message names."""
+        if not self.phrase_terms:  # passages: no symptom names to count
+            return WEIGHTS
+        clinical = min(1.0, len(self.named_symptoms(set(tokenize([query])[0]))) / LAY_NAMED_SYMPTOMS)
+        return {name: clinical * WEIGHTS[name] + (1 - clinical) * LAY_WEIGHTS[name] for name in WEIGHTS}
+
+    def fused_scores(self, query, encoded, weights=None):
         scores = self.component_scores(query, encoded)
+        weights = self.weights_for(query) if weights is None else weights
         return sum(weight * (_scaled(scores[name]) if name in SCALED_SCORES else scores[name])
                    for name, weight in weights.items())
+
+    def symptom_evidence(self, encoded):
+        """How much the message describes symptoms: the best cosine of it or one of its clauses with a symptom
+        name of the database (None when the knowledge base has none)."""
+        if self.symptom_embeddings is None:
+            return None
+        query_vector, clause_vectors = encoded
+        return float((np.vstack([query_vector[None, :], clause_vectors]) @ self.symptom_embeddings.T).max())
 
     def search(self, query, k=DEFAULT_K):
         """The k best entries for `query`, best first: [(entry, score)]."""
         return self.search_batch([query], k)[0]
 
     def search_batch(self, queries, k=DEFAULT_K):
+        return [retrieval.hits for retrieval in self.retrieve_batch(queries, k)]
+
+    def retrieve(self, query, k=DEFAULT_K):
+        """The k best entries for `query` and whether they belong in the prompt (a Retrieval)."""
+        return self.retrieve_batch([query], k)[0]
+
+    def retrieve_batch(self, queries, k=DEFAULT_K):
         results = []
         for query, encoded in zip(queries, encode_messages(queries)):
             scores = self.fused_scores(query, encoded)
-            results.append([(self.entries[i], float(scores[i])) for i in top_indices(scores, k)])
+            hits = [(self.entries[i], float(scores[i])) for i in top_indices(scores, k)]
+            results.append(Retrieval(hits, self.symptom_evidence(encoded)))
         return results
+
+
+@dataclass
+class Retrieval:
+    """What the retriever found for one message, and whether it goes into the prompt."""
+    hits: list  # [(entry, score)], best first
+    evidence: float = None  # KnowledgeBase.symptom_evidence; None: the knowledge base has no symptom names
+
+    @property
+    def grounded(self):
+        return bool(self.hits) and (self.evidence is None or self.evidence >= GROUND_MIN_EVIDENCE)
+
+    @property
+    def used(self):
+        """The entries put into the prompt: all hits, or none."""
+        return self.hits if self.grounded else []
+
+    def reason(self):
+        if self.evidence is None:
+            return "grounded: this knowledge base has no symptom names to check the message against"
+        verdict = "grounded" if self.grounded else "not grounded: the message does not describe symptoms"
+        return f"{verdict} (symptom evidence {self.evidence:.2f}, threshold {GROUND_MIN_EVIDENCE:.2f})"
 
 
 def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR):

@@ -120,6 +120,15 @@ def sources_line(hits):
     return "Sources: " + "; ".join(f"{entry.id} {entry.title}" for entry, _ in hits) if hits else ""
 
 
+NO_SOURCES = "Sources: none used (the message does not describe symptoms; /sources shows what was found)"
+
+
+def answer_sources_line(used):
+    """The line under an answer given with --knowledge: the entries in its prompt, or NO_SOURCES when the message
+    was answered without them (knowledge.Retrieval.grounded)."""
+    return sources_line(used) or NO_SOURCES
+
+
 # ----------------------------------------------------------------------------- history fitting
 
 def fit_history(turns, style, count_tokens, budget):

@@ -347,6 +347,9 @@ def _string_field(path, index, record, field, required=True):
     return value
 
 
+EVAL_SPLITS = ("tuning", "heldout")
+
+
 def normalize_record(path, index, record):
     """One raw record (Alpaca, HealthCareMagic or iCliniq) -> {'instruction', 'input', 'output'}."""
     if not isinstance(record, dict):
@@ -372,6 +375,10 @@ def normalize_record(path, index, record):
         if not (isinstance(accepted, list) and accepted and all(isinstance(a, str) and a for a in accepted)):
             raise DataError(f"{path}: record {index}: field 'accepted' must be a non-empty list of disease names")
         normalized["accepted"] = accepted
+    if "split" in record:  # eval sets: "tuning" (choices may be made on it) or "heldout" (only reported)
+        if record["split"] not in EVAL_SPLITS:
+            raise DataError(f"{path}: record {index}: field 'split' must be one of {', '.join(EVAL_SPLITS)}")
+        normalized["split"] = record["split"]
     return normalized
 
 

@@ -23,6 +23,7 @@ os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not look for driver
 
 import app  # noqa: E402
 import chat  # noqa: E402
+import knowledge  # noqa: E402
 import prompts  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
@@ -42,7 +43,7 @@ class ScriptedChat:
 
     def __init__(self, chunks=("Rest", " and", " fluids."), pause=0.0, error=None):
         self.chunks, self.pause, self.error = chunks, pause, error
-        self.turns, self.last_hits, self.generation = [], [], None
+        self.turns, self.last_hits, self.last_retrieval, self.generation = [], [], None, None
 
     def set_generation(self, generation):
         self.generation = generation
@@ -100,10 +101,21 @@ def test_red_flag_notice_comes_before_the_answer():
 def test_sources_follow_a_grounded_answer():
     entry = SimpleNamespace(id="format_dataset.csv#181", title="Panic attack", source="format_dataset.csv:182")
     session = app.Session(ScriptedChat())
-    session.chat.last_hits = [(entry, 4.7)]
+    session.chat.last_retrieval = knowledge.Retrieval([(entry, 4.7)], evidence=0.9)
+    session.chat.last_hits = session.chat.last_retrieval.used
     run_answer(session, "My heart races and I cannot breathe deeply.")
     assert message_text(session.shown[-1]).endswith("<small>Sources: format_dataset.csv#181 Panic attack</small>")
-    assert app.sources_markdown(session) == "1. format_dataset.csv#181 Panic attack (score 4.700; format_dataset.csv:182)"
+    assert app.sources_markdown(session).startswith(
+        "1. format_dataset.csv#181 Panic attack (score 4.700; format_dataset.csv:182)  \n(grounded (symptom evidence")
+
+
+def test_an_ungrounded_answer_says_no_source_was_used():
+    entry = SimpleNamespace(id="format_dataset.csv#181", title="Panic attack", source="format_dataset.csv:182")
+    session = app.Session(ScriptedChat())
+    session.chat.last_retrieval = knowledge.Retrieval([(entry, 1.2)], evidence=0.1)
+    run_answer(session, "Can I take ibuprofen with sertraline?")
+    assert message_text(session.shown[-1]).endswith(f"<small>{prompts.NO_SOURCES}</small>")
+    assert "not grounded" in app.sources_markdown(session)
 
 
 def test_an_error_is_one_short_line_on_the_page_and_the_dialogue_goes_on():
