@@ -46,12 +46,16 @@ demo: data model
 		--overwrite_output_dir True --max_steps $(DEMO_STAGE1_STEPS) --per_device_train_batch_size 4 $(DEMO_ARGS) $(LORA_ARGS)
 	$(PY) train.py --model_name_or_path models/stage1 --data_path data/genmedgpt_train.json --output_dir pretrained \
 		--overwrite_output_dir True --max_steps $(DEMO_STAGE2_STEPS) --per_device_train_batch_size 8 $(DEMO_ARGS) $(LORA_ARGS)
-	@mkdir -p runs
-	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)" > runs/demo-answer.txt
-	@printf '\nPatient: %s\nChatDoctor: %s\n\n' "$(DEMO_QUESTION)" "$$(cat runs/demo-answer.txt)"
 	# What each stage did, on a few held-out examples (make eval for the full comparison)
 	$(PY) eval.py --compare base=$(BASE_MODEL) stage1=models/stage1 final=pretrained --num_examples 8 \
 		--max_new_tokens 64 --output_dir runs/demo-eval --results_md runs/demo-eval/RESULTS.md
+	# The same question without and with the disease database (--knowledge): a grounded answer names its sources
+	@mkdir -p runs
+	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --prompt "$(DEMO_QUESTION)" > runs/demo-answer.txt
+	@$(PY) chat.py --model_path pretrained --greedy --max_new_tokens 120 --knowledge format_dataset.csv \
+		--prompt "$(DEMO_QUESTION)" > runs/demo-answer-knowledge.txt
+	@printf '\nPatient: %s\n\nChatDoctor: %s\n\nChatDoctor with --knowledge format_dataset.csv: %s\n\n' "$(DEMO_QUESTION)" \
+		"$$(cat runs/demo-answer.txt)" "$$(cat runs/demo-answer-knowledge.txt)"
 
 test: data model browser dictionaries
 	$(PY) -m pytest -q tests

@@ -94,15 +94,20 @@ RETRIEVAL_TRAIN = ROOT / "data" / "genmedgpt_train_retrieval.json"
 
 def make_retrieval_data(source=ROOT / "data" / "genmedgpt_train.json", out=RETRIEVAL_TRAIN, spec=None, k=None):
     """The stage-2 training set of a retrieval-tuned ChatDoctor: every input is the patient's message followed by
-    the entries retrieved for that message alone, exactly as chat.py and eval.py ground it at answer time. The
-    retriever's real misses stay in, so the model learns to use good context and to get by without it."""
+    the entries retrieved for that message alone, exactly as chat.py and eval.py ground it at answer time (none when
+    the message describes no symptom). The retriever's real misses stay in, so the model learns to use good
+    context and to get by without it."""
+    from tqdm import tqdm
+
     import knowledge
 
     records = load_records(source)
     base = knowledge.load_knowledge(spec or knowledge.DEFAULT_KNOWLEDGE)
-    hits = base.search_batch([r["input"] or r["instruction"] for r in records], k or knowledge.DEFAULT_K)
-    grounded = [dict(r, input=grounded_message(r["input"] or r["instruction"], format_context(h)))
-                for r, h in zip(records, hits)]
+    messages = [r["input"] or r["instruction"] for r in records]
+    found = [x for start in tqdm(range(0, len(messages), 256), desc="retrieving (256 messages a step)")
+             for x in base.retrieve_batch(messages[start:start + 256], k or knowledge.DEFAULT_K)]
+    grounded = [dict(r, input=grounded_message(m, format_context(x.used)))
+                for r, m, x in zip(records, messages, found)]
     write_json_atomic(out, grounded)
     return grounded
 

@@ -22,9 +22,9 @@ class FakeKnowledge:
                                      fields={"symptoms": ["toe pain"], "tests": ["uric acid"], "medications": ["colchicine"],
                                              "description": ""}, text="Gout: toe pain")
 
-    def search(self, query, k=5):
+    def retrieve(self, query, k=5):
         self.queries.append(query)
-        return [(self.entry, 1.0)]
+        return knowledge.Retrieval([(self.entry, 1.0)])
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,18 @@ def test_one_shot_answer_is_followed_by_its_sources(tiny_model_dir, disease_csv,
     lines = out.rstrip("\n").split("\n")
     assert lines[-1].startswith("Sources: kb.csv#") and "Gout" in lines[-1] and lines[-1].count(";") == 1
     assert "knowledge: 3 entries" in err and "Traceback" not in err
+
+
+def test_a_question_about_medicines_is_answered_without_entries_and_says_so(tiny_model_dir, disease_csv, monkeypatch,
+                                                                              capsys):
+    import io
+
+    piped = io.TextIOWrapper(io.BytesIO(b"Can I drink alcohol while taking metronidazole?\n/sources\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", piped)
+    assert chat.main(tiny_args(tiny_model_dir, "--knowledge", str(disease_csv), "--knowledge_k", "2")) == 0
+    out, _ = capsys.readouterr()
+    assert knowledge.NO_SOURCES in out
+    assert "1. kb.csv#" in out and "2. kb.csv#" in out and "not grounded: the message does not describe symptoms" in out
 
 
 def test_piped_sources_command_lists_the_last_retrieval(tiny_model_dir, disease_csv, monkeypatch, capsys):

@@ -275,3 +275,71 @@ def test_original_ranking_and_short_tables():
 def test_original_mode_reads_csv_only(tmp_path):
     with pytest.raises(DataError, match="original reads a disease CSV only"):
         original_chunks(write(tmp_path / "notes.jsonl", '{"title": "a", "text": "b"}\n'))
+
+
+# ----------------------------------------------------------------------------- patients' own words
+
+LAY_DISEASES = ("Burn", "Urinary tract infection", "Cystitis", "Gastroesophageal reflux disease (GERD)", "Heart attack",
+                "Conjunctivitis", "Migraine", "Gout", "Asthma", "Strep throat", "Kidney stone", "Appendicitis",
+                "Common cold", "Flu", "Eczema", "Scabies", "Diabetes", "Hypothyroidism", "Pyelonephritis")
+
+
+@pytest.fixture(scope="module")
+def lay_db(tmp_path_factory):
+    """The first 24 diseases of format_dataset.csv and the LAY_DISEASES, indexed in a private cache."""
+    with open(DISEASE_CSV, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + rows[1:25] + [r for r in rows[25:] if knowledge.decode_escapes(r[1]) in LAY_DISEASES]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(keep)
+    tmp = tmp_path_factory.mktemp("lay-db")
+    return load_knowledge(str(write(tmp / "db.csv", out.getvalue())), cache_dir=tmp / "cache")
+
+
+def test_a_burning_feeling_when_passing_urine_finds_the_infection_not_burn(lay_db):
+    message = "burning sensation when passing urine, its cloudy and smells strong, no fever"
+    [(first, _)] = lay_db.search(message, k=1)
+    assert first.title in ("Urinary tract infection", "Cystitis")
+    assert len(lay_db.named_symptoms(set(knowledge.tokenize([message])[0]))) < knowledge.LAY_NAMED_SYMPTOMS
+
+
+@pytest.mark.parametrize("message, accepted", [
+    ("My eye is pink and gunky, the lashes were stuck together when I woke up.", {"Conjunctivitis"}),
+    ("I get a burning feeling behind my breastbone after eating and a sour taste comes up, worse when I lie down.",
+     {"Gastroesophageal reflux disease (GERD)"}),
+    ("im always thirsty and peeing loads, lost weight without trying", {"Diabetes"}),
+])
+def test_a_lay_message_finds_its_disease_among_the_first_three(lay_db, message, accepted):
+    assert {entry.title for entry, _ in lay_db.search(message, k=3)} & accepted
+
+
+def test_the_lay_path_moves_the_weights_only_when_few_symptom_names_are_named(lay_db):
+    clinical = "Doctor, I have painful urination, frequent urination, suprapubic pain and blood in urine."
+    assert lay_db.weights_for(clinical) == knowledge.WEIGHTS
+    lay = lay_db.weights_for("it stings when I wee")
+    assert lay["dense"] > knowledge.WEIGHTS["dense"] and lay["words"] < knowledge.WEIGHTS["words"]
+
+
+# ----------------------------------------------------------------------------- when not to ground
+
+@pytest.mark.parametrize("message", ["Is it safe to take ibuprofen with my sertraline?",
+                                     "How often should I get a flu vaccine?",
+                                     "What does an HbA1c of 44 mean?"])
+def test_a_question_that_describes_no_symptom_is_not_grounded(lay_db, message):
+    retrieval = lay_db.retrieve(message)
+    assert len(retrieval.hits) == knowledge.DEFAULT_K  # found, for /sources ...
+    assert not retrieval.grounded and retrieval.used == []  # ... but left out of the prompt
+    assert "not grounded" in retrieval.reason()
+
+
+def test_a_message_that_describes_symptoms_is_grounded(lay_db):
+    retrieval = lay_db.retrieve("My big toe is red, hot and swollen and it hurts at night")
+    assert retrieval.grounded and retrieval.used == retrieval.hits
+    assert retrieval.evidence >= knowledge.GROUND_MIN_EVIDENCE
+
+
+def test_passages_without_symptom_names_always_ground(tmp_path):
+    path = write(tmp_path / "notes.jsonl", '{"title": "Ibuprofen", "text": "Take with food."}\n')
+    kb = load_knowledge(str(path), cache_dir=tmp_path / "cache")
+    retrieval = kb.retrieve("Is it safe to take ibuprofen with my sertraline?", k=1)
+    assert retrieval.evidence is None and retrieval.grounded
