@@ -44,7 +44,7 @@ from compare import read_finished, spread_indices
 from knowledge import decode_escapes
 from prompts import (DEFAULT_PROMPT_STYLE, PATIENT, PROMPT_STYLES, STOP_STRINGS, build_chat_prompt, format_context,
                      grounded_message, visible_answer)
-from utils import (DataError, ModelLoadError, ensure_pad_token, fail, load_data, load_model_and_tokenizer,
+from utils import (EVAL_SPLITS, DataError, ModelLoadError, ensure_pad_token, fail, load_data, load_model_and_tokenizer,
                    parse_jsonl, prompt_style_for, relative, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
@@ -516,7 +516,8 @@ def comparison_section(metrics_by_name, rows_by_name, png_rel, command):
     s = first["settings"]
     lines = [
         f"Command: `{command}`", "",
-        f"Data `{relative(s.get('data_path'))}`, the same {first['num_examples']} examples for every model "
+        f"Data `{relative(s.get('data_path'))}`{f' ({part} part)' if (part := s.get('data_split')) else ''}, "
+        f"the same {first['num_examples']} examples for every model "
         f"({first['diagnosis_examples']} of them name exactly one disease and count for diagnosis accuracy). "
         f"Each model answers as `chat.py --greedy` would (its prompt style in the table, repetition penalty "
         f"{s['repetition_penalty']}, stop at \"Patient:\"), max_new_tokens={s['max_new_tokens']}, batch size {s['batch_size']}, "
@@ -598,6 +599,8 @@ def argument_parser():
     which.add_argument("--compare", nargs="+", metavar="NAME=PATH", help="score several models on the same examples")
     parser.add_argument("--data_path", default=str(DEFAULT_DATA),
                         help="Alpaca / HealthCareMagic / iCliniq JSON or JSONL (default: the GenMedGPT held-out split)")
+    parser.add_argument("--data_split", choices=EVAL_SPLITS, default=None,
+                        help="only the records of this part of an eval set (data/lay_questions.json: tuning, heldout)")
     parser.add_argument("--num_examples", type=int, default=DEFAULT_NUM_EXAMPLES,
                         help=f"score N records spread evenly over the file (default {DEFAULT_NUM_EXAMPLES}; 0 = all)")
     parser.add_argument("--output_dir", default=None, help="default runs/eval/<model folder name> (or runs/eval)")
@@ -645,12 +648,15 @@ def score_models(args, models, out_root):
 
         knowledge_base = knowledge.load_knowledge(knowledge_spec)
     all_records = resolve_data(args.data_path)
-    indices = spread_indices(len(all_records), args.num_examples)
+    in_part = [i for i, r in enumerate(all_records) if args.data_split is None or r.get("split") == args.data_split]
+    if not in_part:
+        fail(f"{args.data_path}: no record has \"split\": \"{args.data_split}\"")
+    indices = [in_part[i] for i in spread_indices(len(in_part), args.num_examples)]  # positions in the file
     records = [all_records[i] for i in indices]
     matcher = resolve_diseases(args.disease_csv)
     encoder = Encoder()
     bert_encoder = (Encoder(args.bertscore_model) if args.bertscore_model else encoder) if args.bertscore else None
-    settings = {"data_path": args.data_path, "disease_csv": args.disease_csv}
+    settings = {"data_path": args.data_path, "data_split": args.data_split, "disease_csv": args.disease_csv}
     metrics_by_name, rows_by_name = {}, {}
     if args.compare:
         echo = evaluate_echo(records, out_root / "echo", matcher, encoder, bert_encoder, settings, indices)

