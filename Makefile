@@ -162,8 +162,11 @@ eval: data model
 		--max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-styles --results_md docs/RESULTS.md \
 		--results_section "Prompt styles (\`make eval\`)"
 	$(PY) eval.py --compare $(LAY_MODELS) --knowledge $(KNOWLEDGE) --data_path data/lay_questions.json \
-		--num_examples 0 --max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-lay --results_md docs/RESULTS.md \
-		--results_section "Lay-language questions (\`make eval\`)"
+		--data_split heldout --num_examples 0 --max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-lay \
+		--results_md docs/RESULTS.md --results_section "Lay-language questions (\`make eval\`)"
+	$(PY) eval.py --compare $(LAY_MODELS) --knowledge $(KNOWLEDGE) --data_path data/non_diagnosis_questions.json \
+		--data_split heldout --num_examples 0 --max_new_tokens $(EVAL_TOKENS) --output_dir runs/eval-non-diagnosis \
+		--results_md docs/RESULTS.md --results_section "Questions that are not about a diagnosis (\`make eval\`)"
 
 # LoRA against full fine-tuning for about the same wall time on this CPU: stage 2 from make cpu-run's stage 1, both
 # scored as make eval does. At batch 8 a LoRA step took 8.4 s here and a full one 6.8 s (LoRA's dropout draws a

@@ -353,3 +353,14 @@ def test_reuse_finished_rows_of_an_interrupted_comparison(tiny_model_dir, tmp_pa
     assert again["a"]["rouge_l"] == first["a"]["rouge_l"]
     with pytest.raises(BaseException):  # other settings: the row is not reused
         ev.main(args[:-2] + ["--disease_csv", str(DISEASE_CSV), "--reuse_finished", "--max_new_tokens", "4"])
+
+
+def test_eval_scores_only_the_part_of_an_eval_set_it_is_asked_for(tiny_model_dir, tmp_path):
+    lay = DISEASE_DB_PATH.parent / "data" / "lay_questions.json"
+    held_out = [i for i, r in enumerate(json.loads(lay.read_text(encoding="utf-8"))) if r["split"] == "heldout"]
+    out = tmp_path / "out"
+    ev.main(["--model_path", str(tiny_model_dir), "--data_path", str(lay), "--data_split", "heldout",
+             "--num_examples", "3", "--max_new_tokens", "2", "--output_dir", str(out), "--disease_csv", str(DISEASE_CSV)])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {r["index"] for r in rows} <= set(held_out)
+    assert json.loads((out / "metrics.json").read_text())["settings"]["data_split"] == "heldout"
