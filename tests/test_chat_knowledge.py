@@ -111,7 +111,7 @@ def test_a_question_about_medicines_is_answered_without_entries_and_says_so(tiny
     monkeypatch.setattr("sys.stdin", piped)
     assert chat.main(tiny_args(tiny_model_dir, "--knowledge", str(disease_csv), "--knowledge_k", "2")) == 0
     out, _ = capsys.readouterr()
-    assert knowledge.NO_SOURCES in out
+    assert prompts.NO_SOURCES in out
     assert "1. kb.csv#" in out and "2. kb.csv#" in out and "not grounded: the message does not describe symptoms" in out
 
 
