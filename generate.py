@@ -36,7 +36,8 @@ from pathlib import Path
 
 from backend import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Backend, BackendError, Reply
 from knowledge import read_disease_csv
-from utils import CHATDOCTOR_INSTRUCTION, DataError, ModelLoadError, fail, read_text, relative, write_atomic, \
+from prompts import CHATDOCTOR_INSTRUCTION
+from utils import DataError, ModelLoadError, fail, read_text, relative, write_atomic, \
     write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
@@ -46,7 +47,7 @@ VOICES = ("paper", "lay")
 CSV_COLUMNS = {"disease": "disease", "Symptom": "symptoms", "TestsAndProcedures": "tests",
                "commonMedications": "medications"}
 # Why an exchange is not kept, in the order they are checked.
-REASONS = ("unparsed", "patient_names_disease", "disease_not_named", "no_test_named", "no_medication_named",
+REASONS = ("unparsed", "echoes_prompt", "patient_names_disease", "disease_not_named", "no_test_named", "no_medication_named",
            "near_duplicate")
 PROMPT_ITEMS = 3  # symptoms are listed up to 2x this; tests and medications this many: a small model copies short lists
 REQUIRE = ("disease", "test", "medication")  # what the doctor's answer must name (--require)
@@ -99,6 +100,10 @@ EXAMPLE = {
               "influenzavirus antibody assay to confirm it. I will prescribe amoxicillin for the infection and "
               "fluticasone nasal spray for the congestion. Come back if the fever does not go down in a few days.",
 }
+# Words of the prompts that no real message has: a small teacher sometimes copies its instructions into the answer.
+PROMPT_ECHOES = ("write the doctor's reply", "write only the", "write the message the patient", "the patient wrote:",
+                 "recommend the tests", "recommend the medications", "patient has these symptoms",
+                 "in three or four sentences", "in one or two sentences")
 ROLE_LABEL = re.compile(r"^\W*(?:patient|doctor|chatdoctor|dr\.?)\s*\W*:\W*", re.IGNORECASE)
 NEXT_TURN = re.compile(r"\n\W*(?:patient|doctor|chatdoctor)\W*:|\n\n(?=\W*(?:patient|doctor)\b)", re.IGNORECASE)
 EXCHANGE_PARTS = re.compile(r"patient\W*:\W*(?P<patient>.+?)\n\W*doctor\W*:\W*(?P<doctor>.+)", re.IGNORECASE | re.DOTALL)
@@ -272,28 +277,37 @@ def names_any(text, names):
     return any(alias in padded for name in names for alias in aliases(name))
 
 
-def failed_checks(exchange, row, voice, require=REQUIRE):
-    """Every check (REASONS but near_duplicate) the exchange fails, in order; `require`: which of the doctor's
-    disease, test and medication are checked."""
+def failed_checks(exchange, row, voice):
+    """Every check (REASONS but near_duplicate) the exchange fails, in order."""
     if len(exchange.patient.split()) < MIN_WORDS["patient"] or len(exchange.doctor.split()) < MIN_WORDS["doctor"]:
         return ["unparsed"]
+    if any(echo in f"{exchange.patient} {exchange.doctor}".lower() for echo in PROMPT_ECHOES):
+        return ["echoes_prompt"]
     failed = []
     if voice == "lay" and names_any(exchange.patient, [row.disease]):
         failed.append("patient_names_disease")
-    if "disease" in require and not names_any(exchange.doctor, [row.disease]):
+    if not names_any(exchange.doctor, [row.disease]):
         failed.append("disease_not_named")
-    if "test" in require and row.tests and not names_any(exchange.doctor, row.tests):
+    if row.tests and not names_any(exchange.doctor, row.tests):
         failed.append("no_test_named")
-    if "medication" in require and row.medications and not names_any(exchange.doctor, row.medications):
+    if row.medications and not names_any(exchange.doctor, row.medications):
         failed.append("no_medication_named")
     return failed
 
 
+CHECKED_BY = {"disease_not_named": "disease", "no_test_named": "test", "no_medication_named": "medication"}
+
+
+def first_reason(failed, require=REQUIRE):
+    """The reason an exchange that failed `failed` is not kept under `require` (None: it is kept)."""
+    return next((f for f in failed if CHECKED_BY.get(f, f) in require or f not in CHECKED_BY), None)
+
+
 def check(exchange, row, voice, require=REQUIRE):
-    """The first reason (REASONS) the exchange cannot be kept, or None. Near-duplicates are found later."""
-    failed = failed_checks(exchange, row, voice, require)
-    exchange.failed = failed_checks(exchange, row, voice)  # all of them, for the report
-    return failed[0] if failed else None
+    """The first reason (REASONS) the exchange cannot be kept, or None. Near-duplicates are found later. Every
+    failed check is kept in exchange.failed: a later run with another --require decides again without asking."""
+    exchange.failed = failed_checks(exchange, row, voice)
+    return first_reason(exchange.failed, require)
 
 
 class NearDuplicates:
@@ -402,14 +416,12 @@ def make_exchange(teacher, row, k, args):
 
 # ----------------------------------------------------------------------------- the work file (resume)
 
-SETTINGS = ("database_sha256", "teacher", "teacher_template", "calls", "voice", "seed", "temperature", "top_p", "items",
-            "require")
 
 
 def run_settings(args, teacher_name):
     return {"database_sha256": hashlib.sha256(Path(args.database).read_bytes()).hexdigest(), "teacher": teacher_name,
             "teacher_template": None if args.base_url else args.teacher_template, "calls": args.calls, "voice": args.voice, "seed": args.seed, "temperature": args.temperature,
-            "top_p": args.top_p, "items": args.items, "require": list(args.require)}
+            "top_p": args.top_p, "items": args.items}
 
 
 def work_path(output):
@@ -434,8 +446,9 @@ def read_work(path, settings):
             raise DataError(f"{path}: line {number}: not valid JSON (delete the file to start over)") from None
         good_bytes += len(line) + 1
         if number == 1:
-            if record.get("settings") != settings:
-                changed = [k for k in SETTINGS if (record.get("settings") or {}).get(k) != settings[k]]
+            earlier = record.get("settings") or {}
+            changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
+            if changed:
                 raise DataError(f"{path}: made with other settings ({', '.join(changed)}): rerun with the same "
                                 f"ones, or delete the file to start over")
             continue
@@ -509,12 +522,14 @@ def generate(teacher, tasks, done, work, args):
         raise failure
 
 
-def assemble(tasks, done, threshold=DEDUP_THRESHOLD):
-    """The kept records in database order (near-duplicates of an earlier kept one dropped) and the rejected."""
+def assemble(tasks, done, voice, threshold=DEDUP_THRESHOLD, require=REQUIRE):
+    """The kept records in database order (near-duplicates of an earlier kept one dropped) and the rejected. The
+    checks are made again here: a work file from an older generate.py is judged by today's."""
     duplicates = NearDuplicates(threshold)
     kept, rejected = [], []
     for row, k in tasks:
         exchange = done[f"{row.number}:{k}"]
+        exchange.reason = check(exchange, row, voice, require)
         if exchange.reason is None and duplicates.seen(f"{exchange.patient} {exchange.doctor}"):
             exchange.reason = "near_duplicate"
         if exchange.reason is None:
@@ -565,7 +580,7 @@ def run(args):
             from None
     finally:
         work.close()
-    kept, rejected = assemble(tasks, done, args.dedup_threshold)
+    kept, rejected = assemble(tasks, done, args.voice, args.dedup_threshold, args.require)
     summary = report(rows, tasks, done, kept, rejected, teacher.name, time.time() - start, resumed)
     rejected_path, report_path = side_paths(args.output)
     write_atomic(rejected_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
@@ -599,7 +614,7 @@ def validate_file(args):
         exchange.reason = check(exchange, row, args.voice, args.require)
         done[exchange.task] = exchange
         tasks.append((row, index))
-    kept, rejected = assemble(tasks, done, args.dedup_threshold)
+    kept, rejected = assemble(tasks, done, args.voice, args.dedup_threshold, args.require)
     summary = report(rows, tasks, done, kept, rejected, f"{args.validate} (existing data)", 0.0, 0)
     summary.update(rows_with_records=len({row.number for row, _ in tasks}), records_naming_no_single_disease=unmatched,
                    records_of_other_rows=outside)

@@ -115,6 +115,8 @@ def test_an_exchange_with_the_gold_standard_passes(rows):
 
 @pytest.mark.parametrize("patient, doctor, voice, reason", [
     ("Doctor, help.", DOCTOR, "paper", "unparsed"),
+    (PATIENT, DOCTOR + " The patient has Panic disorder. Write the doctor's reply in three or four sentences.", "paper",
+     "echoes_prompt"),
     (PATIENT, "", "paper", "unparsed"),
     ("Doctor, I think I have panic disorder, my heart pounds.", DOCTOR, "lay", "patient_names_disease"),
     (PATIENT, DOCTOR.replace("panic disorder", "an anxiety problem"), "paper", "disease_not_named"),
@@ -154,19 +156,35 @@ def test_near_duplicates_are_dropped_in_database_order(rows):
                                  "chest feels tight when I go out.", "You probably have panic disorder; a toxicology "
                                  "screen and psychotherapy would help, with lorazepam when it is bad."),
     }
-    kept, rejected = generate.assemble([(rows[0], 0), (rows[0], 1), (rows[0], 2)], done)
+    kept, rejected = generate.assemble([(rows[0], 0), (rows[0], 1), (rows[0], 2)], done, "paper")
     assert [k["input"] for k in kept] == [PATIENT, done["0:2"].patient]
     assert [(r["task"], r["reason"]) for r in rejected] == [("0:1", "near_duplicate")]
     assert kept[0]["instruction"] == utils.CHATDOCTOR_INSTRUCTION
 
 
+def validate_genmedgpt(tmp_path, *extra):
+    generate.main(["--database", str(DATABASE), "--validate", str(utils.GENMEDGPT_PATH), "--limit", "10",
+                   "--output", str(tmp_path / "ceiling.json"), *extra])
+    return json.loads((tmp_path / "ceiling.json").read_text())
+
+
 def test_genmedgpts_own_exchanges_are_scored_with_the_same_checks(tmp_path):
-    summary = generate.main(["--database", str(DATABASE), "--validate", str(utils.GENMEDGPT_PATH), "--limit", "10",
-                             "--output", str(tmp_path / "ceiling.json")]) or \
-        json.loads((tmp_path / "ceiling.json").read_text())
-    assert summary["rows"] == 10 and summary["rows_with_records"] >= 8
-    assert summary["accepted"] + summary["rejected"] == summary["exchanges"] > 20
-    assert 0.2 < summary["acceptance_rate"] < 1.0  # most pass; the ones naming no listed test or drug do not
+    """GenMedGPT-5k answers one thing a record (the diagnosis, or the tests, or the drugs): almost none names all
+    three, while nearly every record that names its disease passes --require disease."""
+    every = validate_genmedgpt(tmp_path)
+    assert every["rows"] == 10 and every["rows_with_records"] >= 8
+    assert every["accepted"] + every["rejected"] == every["exchanges"] > 20
+    assert every["acceptance_rate"] < 0.2 and every["failing_each_check"]["no_test_named"] > every["exchanges"] / 2
+    diagnosis = validate_genmedgpt(tmp_path, "--require", "disease")
+    assert diagnosis["exchanges"] == every["exchanges"] and diagnosis["acceptance_rate"] > 0.8
+
+
+def test_require_decides_again_from_the_work_file_without_asking_the_teacher(tmp_path, rows):
+    failed = ["no_test_named", "no_medication_named"]
+    assert generate.first_reason(failed) == "no_test_named"
+    assert generate.first_reason(failed, ("disease", "medication")) == "no_medication_named"
+    assert generate.first_reason(failed, ("disease",)) is None
+    assert generate.first_reason(["unparsed"], ("disease",)) == "unparsed"
 
 
 # ----------------------------------------------------------------------------- bad input
