@@ -176,8 +176,10 @@ def test_a_damaged_or_edited_knowledge_cache_is_rebuilt_with_one_warning(tmp_pat
 
 def run_until_marker(code, marker, timeout=300):
     """`python -c code` from the repository; returns the process once it has printed `marker` on stdout."""
+    # A test run in the background of a shell has SIGINT ignored, and children inherit that: Ctrl-C must work here.
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + timeout
     for line in process.stdout:
         if line.strip() == marker or time.time() > deadline:
