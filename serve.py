@@ -36,9 +36,16 @@ def engine_url(port):
     return f"http://127.0.0.1:{port}/v1"
 
 
+def default_threads():
+    """Every core but one. llama.cpp's threads wait for each other at every step, spinning: when one loses its core
+    to another process (the page, the OS, a neighbour), they all stall. On the 2 shared cores here 40 tokens took
+    137 s once with 2 threads, and 3-4 s with 1."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def engine_command(gguf, port, threads=None, context=ENGINE_CONTEXT):
     """llama-cpp-python's server over `gguf` on 127.0.0.1:`port`, set up to answer as chat.py does in-process."""
-    threads = threads or os.cpu_count() or 1
+    threads = threads or default_threads()
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_NAME,
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
             "--n_threads", str(threads), "--n_threads_batch", str(threads),
@@ -84,7 +91,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=str(ROOT / "runs" / "chatdoctor.gguf"), help="the model as GGUF (make gguf)")
     p.add_argument("--engine_port", type=int, default=ENGINE_PORT)
-    p.add_argument("--engine_threads", type=int, default=None, help="default: every core")
+    p.add_argument("--engine_threads", type=int, default=None, help="default: every core but one (default_threads)")
     p.add_argument("--engine_context", type=int, default=ENGINE_CONTEXT, help="tokens per request")
     p.add_argument("--engine_log", default=str(ROOT / "runs" / "engine.log"))
     p.add_argument("--engine_only", action="store_true", help="serve only the engine, no page")

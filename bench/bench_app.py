@@ -193,6 +193,7 @@ def main():
                                    "serving engine') gets the results")
     e = p.add_argument_group("a serving engine (app.py --backend; --model_path then gives the tokenizer)")
     e.add_argument("--gguf", help="start llama.cpp's server (serve.py) over this GGUF on a free port")
+    e.add_argument("--engine_threads", type=int, default=None, help="with --gguf: its threads (serve.py's default)")
     e.add_argument("--backend", metavar="URL", help="or an engine already running at this OpenAI-compatible URL")
     e.add_argument("--model", metavar="NAME", help="with --backend: the engine's name of the model")
     e.add_argument("--backend_slots", type=int, default=None,
@@ -218,12 +219,12 @@ def main():
         import serve
 
         engine_port, engine_log = free_port(), ROOT / "runs" / "bench_app_engine.log"
-        engine = serve.start_engine(args.gguf, engine_port, engine_log)
+        engine = serve.start_engine(args.gguf, engine_port, engine_log, args.engine_threads)
         serve.wait_engine(engine, engine_port, engine_log)
         args.backend, args.model = serve.engine_url(engine_port), serve.MODEL_NAME
         args.backend_slots = args.backend_slots or serve.ENGINE_SLOTS
         engine_text = (f", in front of llama-cpp-python's server over `{relative(args.gguf)}` "
-                       f"(`{' '.join(serve.engine_command(relative(args.gguf), engine_port)[1:])}`)")
+                       f"(`{' '.join(serve.engine_command(relative(args.gguf), engine_port, args.engine_threads)[1:])}`)")
     if args.backend:
         args.backend_slots = args.backend_slots or 1
         app_args += ["--backend", args.backend, "--backend_slots", str(args.backend_slots)]

@@ -63,6 +63,7 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--penalties", type=float, nargs="+", default=[1.1, 1.0],
                    help="repetition penalties to compare at (1.1: chat.py's default)")
+    p.add_argument("--engine_threads", type=int, default=None, help="the engine's threads (serve.py's default)")
     p.add_argument("--write", help="markdown file whose section gets the results")
     args = p.parse_args()
 
@@ -78,7 +79,7 @@ def main():
     description, load_start = machine.describe(), os.getloadavg()[0]
     gguf = args.gguf or export_gguf.export(args.model_path, Path(tempfile.mkdtemp()) / "model.gguf", args.type)["out"]
     port, log = free_port(), Path(tempfile.mkdtemp()) / "engine.log"
-    engine_process = serve.start_engine(gguf, port, log)
+    engine_process = serve.start_engine(gguf, port, log, args.engine_threads)
     try:
         serve.wait_engine(engine_process, port, log)
         local = chat.load_engine(chat.EngineSettings(model_path=args.model_path, device="cpu"), sys.stderr)
@@ -96,7 +97,8 @@ def main():
     command = " ".join(["python bench/bench_serving.py"] + sys.argv[1:])
     lines = [f"`{command}` on {machine.summary(description)}, load average {load_start:.1f} at start; "
              f"`{relative(args.model_path)}` in-process (transformers, `chat.Chat`) and as {args.type} GGUF "
-             f"in llama-cpp-python's server (serve.py) through `chat.BackendChat`; {len(questions)} held-out "
+             f"in llama-cpp-python's server (serve.py, {args.engine_threads or serve.default_threads()} thread(s)) "
+             f"through `chat.BackendChat`; {len(questions)} held-out "
              f"GenMedGPT questions, greedy, up to {args.max_new_tokens} new tokens, {time.strftime('%Y-%m-%d')}.",
              "", "| repetition penalty | decode tokens/s in-process | through the engine | ratio | same answer "
                  "| words shared before the first difference (median, where different) |",

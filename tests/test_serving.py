@@ -122,20 +122,41 @@ def backend_args(engine, model_dir, *extra):
             "--max_new_tokens", str(TOKENS), *extra]
 
 
-@pytest.fixture(scope="module")
-def page_server(engine, embedded_model_dir, tmp_path_factory):
-    """app.py --backend in front of the engine, two slots, grounded, on a free loopback port: its URL."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("app") / "app.log"
-    process = start_app(backend_args(engine, embedded_model_dir, "--knowledge", "format_dataset.csv",
-                                     "--backend_slots", "2", "--backend_timeout", "3", "--backend_retries", "0"),
-                        port, log_path)
+def start_page(engine, model_dir, log_path, *extra):
+    """app.py --backend in front of the engine on a free loopback port: (its process, its URL)."""
+    port = free_port()
+    process = start_app(backend_args(engine, model_dir, *extra), port, log_path)
     try:
         wait_listening(process, port, log_path)
-        yield f"http://127.0.0.1:{port}"
-    finally:
+    except RuntimeError:
         stop_app(process)
-        log = log_path.read_text()
-        assert "Traceback" not in log, log[-3000:]
+        raise
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_page(process, log_path):
+    stop_app(process)
+    log = log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def page_server(engine, embedded_model_dir, tmp_path_factory):
+    """The page in front of the engine, grounded, two answers at once: its URL."""
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    process, url = start_page(engine, embedded_model_dir, log_path, "--knowledge", "format_dataset.csv",
+                              "--backend_slots", "2")
+    yield url
+    stop_page(process, log_path)
+
+
+@pytest.fixture(scope="module")
+def impatient_page(engine, embedded_model_dir, tmp_path_factory):
+    """The page in front of the engine, giving up on it after 5 s without a piece: its URL."""
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    process, url = start_page(engine, embedded_model_dir, log_path, "--backend_timeout", "5", "--backend_retries", "0")
+    yield url
+    stop_page(process, log_path)
 
 
 def client(url):
@@ -160,54 +181,53 @@ def test_piped_chat_over_the_engine_grounds_flags_and_answers_as_in_process(engi
                                                                     "format_dataset.csv", "--repetition_penalty", "1")],
                           cwd=ROOT, input=f"{question}\n{RED_FLAG}\n", capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    answers = done.stdout.split("\n\n")
-    assert len(answers) >= 2 and all("Sources: format_dataset.csv#" in a for a in answers[:2]), done.stdout
+    lines = done.stdout.splitlines()  # each answer, then its sources line
+    assert len(lines) == 4 and all(line.startswith("Sources: format_dataset.csv#") for line in lines[1::2]), lines
     assert "This may be an emergency (chest pain with breathlessness)" in done.stderr
     assert f"{serve.MODEL_NAME} at {engine.url}" in done.stderr
     local = chat.load_engine(chat.EngineSettings(model_path=str(embedded_model_dir), device="cpu",
                                                  knowledge="format_dataset.csv"), sys.stderr)
     expected = local.new_chat(chat.GenerationSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=TOKENS))
-    assert answers[0].split("\nSources:")[0] == expected.respond(question)  # the same prompt, the same greedy words
+    assert lines[0] == expected.respond(question)  # the same prompt and retrieval, the same greedy words
+    assert lines[1] == prompts.sources_line(expected.last_hits)
 
 
 @pytest.mark.slow
 @needs_engine
 def test_sessions_at_once_keep_their_own_dialogues_sources_and_notices(page_server):
-    questions = {name: [f"{name} has a {symptom}. What should {name} do?" for symptom in symptoms]
-                 for name, symptoms in (("Anna", ("rash", "itch")), ("Ben", ("cough", "fever")),
-                                        ("Cleo", ("sore throat", "headache")))}
-    histories, started = {}, {}
+    questions = {"Anna": ["Anna has a rash. What should Anna do?", "Anna's rash itches at night. Why?"],
+                 "Ben": [RED_FLAG, "Ben has a cough too. What should Ben do?"]}
+    histories = {}
 
     def dialogue(name):
         c = client(page_server)
         for question in questions[name]:
-            started.setdefault(name, time.perf_counter())
             histories[name] = ask(c, question)
 
     threads = [threading.Thread(target=dialogue, args=(name,)) for name in questions]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
-    assert len(histories) == 3
+        t.join(timeout=600)
+    assert len(histories) == 2
     for name, history in histories.items():
         assert patient_messages(history) == questions[name]
         answer = last_answer(history)
         assert answer.startswith("**ChatDoctor:** ") and "Sources: format_dataset.csv#" in answer, answer
-    flagged = ask(client(page_server), RED_FLAG)
-    assert "This may be an emergency" in message_text(flagged[-2])
+    notices = [message_text(m) for m in histories["Ben"] if "This may be an emergency" in message_text(m)]
+    assert len(notices) == 1 and not any("emergency" in message_text(m) for m in histories["Anna"])
 
 
 @pytest.mark.slow
 @needs_engine
-def test_page_faults_are_one_line_and_the_session_goes_on(engine, page_server):
-    c = client(page_server)
-    engine.pause()  # a first token later than --backend_timeout 3
+def test_page_faults_are_one_line_and_the_session_goes_on(engine, impatient_page):
+    c = client(impatient_page)
+    engine.pause()  # a first token later than --backend_timeout 5
     try:
         slow = last_answer(ask(c, "My knee hurts when I climb stairs."))
     finally:
         engine.resume()
-    assert slow.startswith("⚠️ No answer: the model server failed") and "no answer within 3 s" in slow
+    assert slow.startswith("⚠️ No answer: the model server failed") and "no answer within 5 s" in slow
     assert "\n" not in slow
     job = submit(c, "Tell me everything about migraines and how to treat them.", max_new_tokens=400)
     while not any(len(last_answer(history)) > len("**ChatDoctor:** ") for _, history, _ in job.outputs()):
@@ -226,7 +246,7 @@ def test_page_faults_are_one_line_and_the_session_goes_on(engine, page_server):
 @needs_engine
 def test_terminal_slow_engine_then_killed_mid_answer_then_back(engine, embedded_model_dir):
     process = subprocess.Popen([sys.executable, "chat.py", *backend_args(engine, embedded_model_dir),
-                                "--max_new_tokens", "400", "--backend_retries", "0", "--backend_timeout", "3"],
+                                "--max_new_tokens", "400", "--backend_retries", "0", "--backend_timeout", "5"],
                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, bufsize=1)
 
@@ -244,7 +264,7 @@ def test_terminal_slow_engine_then_killed_mid_answer_then_back(engine, embedded_
             slow = next_error()
         finally:
             engine.resume()
-        assert f"{engine.url}: no answer within 3 s (no retries)" in slow and "send it again" in slow
+        assert f"{engine.url}: no answer within 5 s (no retries)" in slow and "send it again" in slow
         assert process.stdout.readline() == "\n"  # the message's (empty) answer line
         say("Tell me everything about migraines and how to treat them.")
         assert process.stdout.read(1)  # the answer has begun
@@ -254,7 +274,8 @@ def test_terminal_slow_engine_then_killed_mid_answer_then_back(engine, embedded_
         engine.start()
         say("Thank you.")
         process.stdin.close()
-        out, err = process.communicate(timeout=300)
+        out, err = process.stdout.read(), process.stderr.read()  # to the end: the program has exited
+        process.wait(timeout=60)
         assert out.split("\n")[1].strip(), out  # after the cut answer's line: the answer to "Thank you."
         assert "Traceback" not in err and process.returncode == 1  # 1: some messages got no answer
     finally:
@@ -264,18 +285,14 @@ def test_terminal_slow_engine_then_killed_mid_answer_then_back(engine, embedded_
 
 @pytest.mark.slow
 @needs_engine
-def test_eval_over_the_engine_scores_the_engines_answers(engine, embedded_model_dir, tmp_path):
-    import json
-
+def test_eval_over_the_engine_gets_the_in_process_greedy_answers(engine, embedded_model_dir):
     import eval as ev
+    import utils
+    from backend import Backend
 
-    out = tmp_path / "out"
-    ev.main(["--model_path", str(embedded_model_dir), "--backend", engine.url, "--num_examples", "3",
-             "--max_new_tokens", str(TOKENS), "--batch_size", "3", "--repetition_penalty", "1",
-             "--output_dir", str(out)])
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["settings"]["backend"] == f"{serve.MODEL_NAME} at {engine.url}" and len(rows) == 3
-    local = chat.load_engine(chat.EngineSettings(model_path=str(embedded_model_dir), device="cpu"), sys.stderr)
-    conversation = local.new_chat(chat.GenerationSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=TOKENS))
-    assert rows[0]["prediction"] == conversation.respond(rows[0]["input"])  # chat.py's greedy answer
+    records = utils.load_records(utils.GENMEDGPT_PATH)[:3]
+    model, tokenizer = utils.load_model_and_tokenizer(embedded_model_dir)
+    served = ev.generate_answers(Backend(engine.url, serve.MODEL_NAME), tokenizer, records, TOKENS, batch_size=3,
+                                 repetition_penalty=1.0)
+    assert served == ev.generate_answers(model, tokenizer, records, TOKENS, batch_size=1, repetition_penalty=1.0)
+    assert all(served)
