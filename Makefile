@@ -24,7 +24,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model demo test browser dictionaries clean-data app chat gguf serve recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
+.PHONY: setup data model generate demo test browser dictionaries clean-data app chat gguf serve recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -40,6 +40,16 @@ data: setup
 
 model: setup
 	$(PY) prepare.py model
+
+# InstructorDoctor (README "Making the data"): GEN_LIMIT disease rows of the database -> GenMedGPT-format exchanges
+# from the embedded teacher (GEN_ARGS="--base_url http://127.0.0.1:8000/v1 --model NAME" for a server). A killed
+# run started again goes on where it stopped.
+GEN_DATABASE ?= format_dataset.csv
+GEN_OUTPUT ?= data/generated.json
+GEN_LIMIT ?= 20
+GEN_ARGS ?=
+generate: model
+	$(PY) generate.py --database $(GEN_DATABASE) --output $(GEN_OUTPUT) --limit $(GEN_LIMIT) $(GEN_ARGS)
 
 demo: data model
 	$(PY) train.py --model_name_or_path $(BASE_MODEL) --data_path alpaca_data.json --output_dir models/stage1 \

@@ -193,3 +193,147 @@ class Terminal:
                     break
         return self.process.wait(timeout=max(1, deadline - time.time()))
 
+
+
+# ----------------------------------------------------------------------------- a real engine on loopback
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) over a GGUF, on 127.0.0.1.
+
+    `chat_format`: how chat-completions are prompted (chatml: SmolLM2's own; None: the GGUF's template, which
+    export_gguf.py makes chat.py's ChatDoctor prompt). The completions API takes the prompt as given."""
+
+    def __init__(self, gguf, alias="teacher", chat_format="chatml", n_ctx=1024, port=None, timeout=120):
+        self.gguf, self.alias, self.port = Path(gguf), alias, port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = open(self.gguf.with_name(f"server-{self.port}.log"), "w+")
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "2"]
+        cmd += ["--chat_format", chat_format] if chat_format else []
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout):
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"llama_cpp.server exited ({self.process.returncode}): {self.log.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server not answering on {self.base_url} after {timeout} s")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_model_dir):
+    """The tiny random LLaMA as export_gguf.py writes it (f16, a few MB): what the engine tests serve."""
+    import export_gguf
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    export_gguf.export(tiny_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_server(tiny_gguf):
+    """A real llama.cpp server over the tiny GGUF for the whole session; yields its base URL (.../v1), model
+    name "teacher". Tests that kill or slow an engine start their own LlamaServer."""
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"llama-cpp-python[server] is not installed ({e}): run `make setup`")
+    server = LlamaServer(tiny_gguf)
+    yield server.base_url
+    server.stop()
+
+
+class FaultProxy:
+    """A real HTTP proxy in front of a real engine that forwards every request and can spoil the exchange: answer
+    429 to the first `refuse` requests (or all, refuse=-1), wait `delay` seconds before forwarding, or cut the
+    engine's answer to half its bytes (`cut`). The engine always does the work; only the fault is made up."""
+
+    def __init__(self, target_base_url, refuse=0, delay=0.0, cut=False):
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.target = urllib.parse.urlsplit(target_base_url)
+        self.refuse, self.delay, self.cut = refuse, delay, cut
+        self.requests = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                proxy.forward(self)
+
+            def do_POST(self):
+                proxy.forward(self)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(self, handler):
+        import http.client
+
+        self.requests += 1
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        if self.refuse < 0 or self.requests <= self.refuse:
+            return self.reply(handler, 429, b'{"error": {"message": "Too many requests (proxy)"}}', "application/json")
+        time.sleep(self.delay)
+        connection = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=300)
+        try:
+            connection.request(handler.command, handler.path, body=body or None,
+                               headers={"Content-Type": handler.headers.get("Content-Type", "application/json")})
+            response = connection.getresponse()
+            data = response.read()
+        except OSError:
+            return self.reply(handler, 502, b'{"error": {"message": "engine unreachable (proxy)"}}', "application/json")
+        finally:
+            connection.close()
+        self.reply(handler, response.status, data[:len(data) // 2] if self.cut else data,
+                   response.getheader("Content-Type", "application/json"))
+
+    @staticmethod
+    def reply(handler, status, data, content_type):
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:  # the client gave up (a timeout test)
+            pass
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
