@@ -20,6 +20,7 @@ import chat  # noqa: E402
 import prompts  # noqa: E402
 import serve  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
+from conftest import Page, needs_chromium  # noqa: E402
 
 RED_FLAG = "I have crushing chest pain and can't breathe"
 TOKENS = 8
@@ -216,6 +217,22 @@ def test_sessions_at_once_keep_their_own_dialogues_sources_and_notices(page_serv
         assert answer.startswith("**ChatDoctor:** ") and "Sources: format_dataset.csv#" in answer, answer
     notices = [message_text(m) for m in histories["Ben"] if "This may be an emergency" in message_text(m)]
     assert len(notices) == 1 and not any("emergency" in message_text(m) for m in histories["Anna"])
+
+
+@pytest.mark.slow
+@needs_engine
+@needs_chromium
+def test_browser_page_over_the_engine_streams_a_grounded_answer_under_its_notice(page_server):
+    page = Page(page_server)
+    try:
+        page.send(RED_FLAG)
+        lengths = set()
+        page.wait_for(lambda: lengths.add(len(page.conversation())) or not page.busy())
+        conversation = page.conversation()
+        assert len(lengths) >= 2 and "Sources: format_dataset.csv#" in page.answer()
+        assert conversation.index("This may be an emergency") < conversation.rindex(f"{prompts.DOCTOR}:")
+    finally:
+        page.close()
 
 
 @pytest.mark.slow
