@@ -815,9 +815,9 @@ def argument_parser(description="Talk to ChatDoctor in the terminal.", one_shot=
     g.add_argument("--max_new_tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     g.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
-    e = p.add_argument_group("serving engine (answers from vLLM, llama.cpp, Ollama, ... instead of the model in-process)")
-    e.add_argument("--backend", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (key, if "
-                   "it needs one: $OPENAI_API_KEY); --model_path then gives only the tokenizer and prompt style")
+    e = p.add_argument_group("serving engine (vLLM, llama.cpp, Ollama, ... answers instead of the model in-process)")
+    e.add_argument("--backend", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (key, "
+                   "if it needs one: $OPENAI_API_KEY); --model_path then gives only the tokenizer and prompt style")
     e.add_argument("--model", metavar="NAME", help="the engine's name of the model (default: the first it serves)")
     e.add_argument("--backend_timeout", type=float, default=EngineSettings.backend_timeout,
                    help="seconds to wait for the engine (for a streamed answer: between two pieces)")

@@ -223,8 +223,9 @@ def main():
         serve.wait_engine(engine, engine_port, engine_log)
         args.backend, args.model = serve.engine_url(engine_port), serve.MODEL_NAME
         args.backend_slots = args.backend_slots or serve.ENGINE_SLOTS
+        command = serve.engine_command(relative(args.gguf), engine_port, args.engine_threads)
         engine_text = (f", in front of llama-cpp-python's server over `{relative(args.gguf)}` "
-                       f"(`{' '.join(serve.engine_command(relative(args.gguf), engine_port, args.engine_threads)[1:])}`)")
+                       f"(`{' '.join(command[1:])}`)")
     if args.backend:
         args.backend_slots = args.backend_slots or 1
         app_args += ["--backend", args.backend, "--backend_slots", str(args.backend_slots)]
