@@ -214,7 +214,10 @@ def main():
     port, log_path = free_port(), ROOT / "runs" / "bench_app.log"
     log_path.parent.mkdir(exist_ok=True)
     engine, engine_text, app_args = None, "", ["--model_path", relative(args.model_path), "--greedy",
-                                               "--max_new_tokens", str(args.max_new_tokens)]
+                                               "--max_new_tokens", str(args.max_new_tokens),
+                                               # every client here has the same address: the warm-up, lone and
+                                               # loaded clients' sessions
+                                               "--max_sessions_per_client", str(args.clients + 2)]
     if args.gguf:
         import serve
 
