@@ -24,7 +24,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model generate demo test browser dictionaries clean-data app chat gguf recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
+.PHONY: setup data model generate demo test browser dictionaries clean-data app chat gguf serve recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -224,6 +224,12 @@ app: setup
 GGUF_TYPE ?= f16
 gguf: setup
 	$(PY) export_gguf.py $(CHAT_MODEL) --out runs/chatdoctor.gguf --type $(GGUF_TYPE) --overwrite
+
+# ChatDoctor for many users: llama.cpp's OpenAI-compatible server (llama-cpp-python) over the GGUF of CHAT_MODEL on
+# 127.0.0.1:8080, and the page on http://127.0.0.1:7860 in front of it (README: Serving many users). APP_ARGS as for
+# make app, e.g. APP_ARGS="--knowledge format_dataset.csv".
+serve: gguf
+	$(PY) serve.py --gguf runs/chatdoctor.gguf --model_path $(CHAT_MODEL) $(APP_ARGS)
 
 clean:
 	rm -rf .cache runs

@@ -5,9 +5,12 @@ KV cache, stopping and red-flag notices; nothing of them is copied here).
     python app.py --model_path models/SmolLM2-135M-Instruct  # any model chat.py takes, with its flags
     python app.py --knowledge format_dataset.csv             # grounded answers, sources under each answer
     python app.py --host 0.0.0.0 --port 8080                 # reachable from other machines: mind who can see it
+    python app.py --backend http://127.0.0.1:8080/v1 --backend_slots 4   # in front of a serving engine (make serve)
 
-Each browser tab (or gradio_client.Client) is one conversation with its own history and KV cache. The model
-answers one message at a time: the others wait in gradio's queue, so a CPU is never shared mid-answer.
+Each browser tab (or gradio_client.Client) is one conversation with its own history (and KV cache, in-process).
+In-process the model answers one message at a time: the others wait in gradio's queue, so a CPU is never shared
+mid-answer. In front of a serving engine (--backend), up to --backend_slots answers run at once (the engine's
+parallel slots: it batches them), and the rest wait in the queue.
 
 Limits, set for a public demo: no uploads (the page has no file input; gradio's upload route answers 403), at most
 --max_sessions conversations and --max_sessions_per_client from one address, and a conversation in use is never
@@ -218,6 +221,12 @@ def answer(session, message, generation, model_lock, publish, cancelled):
             session.shown = before  # as chat.py forgets an answer stopped with Ctrl-C
             return
         except Exception as e:  # the page gets one line; the log gets the traceback
+            if chat.engine_failed(e):  # the serving engine is down, slow or refusing: not a bug of ours
+                log.warning("no answer from the engine: %s", e)
+                reply["content"] = (f"⚠️ No answer: the model server failed ({first_line(e)[:300]}). "
+                                    "Send your message again once it is back; the conversation goes on.")
+                publish(snapshot(shown))
+                return
             log.exception("answering failed")
             reply["content"] = (f"⚠️ Sorry, that answer failed ({type(e).__name__}: {first_line(e)[:200]}). "
                                 "The conversation goes on from your previous message.")
@@ -314,11 +323,12 @@ def settings_panel(generation, max_tokens_limit):
         ]
 
 
-def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
+def build_page(generation, sessions, where, knowledge_on, max_tokens_limit, slots=1):
+    """The page; `slots` answers at once (1 in-process; with --backend, the engine's parallel slots)."""
     import gradio as gr
 
-    # besides the queue's limit of one: no path ever runs two answers at once
-    respond, reset, forget = page_handlers(generation, sessions, threading.Lock())
+    # besides the queue's limit: no path ever runs more than `slots` answers at once
+    respond, reset, forget = page_handlers(generation, sessions, threading.BoundedSemaphore(slots))
     with gr.Blocks(title="ChatDoctor") as page:
         gr.Markdown(f"⚠️ **{SAFETY_NOTICE}** In an emergency call your local emergency number (112 / 911 / 999).",
                     elem_id="banner")
@@ -336,7 +346,7 @@ def build_page(generation, sessions, where, knowledge_on, max_tokens_limit):
         gr.Markdown(f"<small>{where}</small>", elem_id="model")
 
         inputs, outputs = [message, *controls], [message, conversation, sources]
-        # One concurrency group for both ways to send: the model answers one message at a time.
+        # One concurrency group for both ways to send: the model answers `slots` messages at a time.
         message.submit(respond, inputs, outputs, api_name="respond", concurrency_id="model")
         send.click(respond, inputs, outputs, api_name=False, concurrency_id="model")
         new.click(reset, None, outputs, api_name="reset", concurrency_limit=None, queue=False)
@@ -355,9 +365,12 @@ def parse_args(argv=None):
     s.add_argument("--max_sessions", type=int, default=MAX_SESSIONS, help="conversations kept at once")
     s.add_argument("--max_sessions_per_client", type=int, default=MAX_SESSIONS_PER_CLIENT,
                    help="conversations one client address may hold (behind a reverse proxy all users share one)")
+    s.add_argument("--backend_slots", type=int, default=1,
+                   help="with --backend: answers at once, the engine's parallel slots (llama.cpp --parallel, "
+                        "Ollama OLLAMA_NUM_PARALLEL; vLLM batches up to --max-num-seqs); the rest wait in the queue")
     args = chat.parse_args(argv, p)
-    if args.max_sessions < 1 or args.max_sessions_per_client < 1:
-        p.error("--max_sessions and --max_sessions_per_client must be at least 1")
+    if args.max_sessions < 1 or args.max_sessions_per_client < 1 or args.backend_slots < 1:
+        p.error("--max_sessions, --max_sessions_per_client and --backend_slots must be at least 1")
     return args
 
 
@@ -438,18 +451,20 @@ def main(argv=None):
     sessions = Sessions(make_chat, args.max_sessions, args.max_sessions_per_client)
     temp_dir = private_temp_dir()  # before gradio is imported: it reads GRADIO_TEMP_DIR then
     try:
-        page = build_page(generation, sessions, engine.where, engine.knowledge_base is not None, max_tokens_limit)
-        return serve(args, page, engine.where)
+        slots = args.backend_slots if engine.backend is not None else 1  # in-process: one answer at a time
+        page = build_page(generation, sessions, engine.where, engine.knowledge_base is not None, max_tokens_limit,
+                          slots)
+        return serve(args, page, engine.where, slots)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def serve(args, page, where):
-    """Serve `page` until Ctrl-C, SIGTERM or SIGHUP; then close the server."""
+def serve(args, page, where, slots=1):
+    """Serve `page`, `slots` answers at once, until Ctrl-C, SIGTERM or SIGHUP; then close the server."""
     import gradio as gr
     from starlette.middleware import Middleware
 
-    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    page.queue(default_concurrency_limit=slots, max_size=QUEUE_SIZE)
     log_request_errors_as_one_line()
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # offline
     print(f"ChatDoctor on http://{args.host}:{args.port} ({where}). {SAFETY_NOTICE}", file=sys.stderr, flush=True)

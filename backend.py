@@ -61,17 +61,17 @@ class Backend:
             return Reply(self._text(choice.message.content), choice.finish_reason or "", *self._usage(response))
 
     def complete(self, prompt, max_tokens=256, temperature=0.7, top_p=1.0, stop=None, seed=None,
-                 repetition_penalty=None, frequency_penalty=None):
+                 repetition_penalty=None, frequency_penalty=None, extra_body=None):
         """One completions answer that continues `prompt` verbatim (the project builds the whole prompt)."""
         with self._errors():
             response = self.client.completions.create(
                 **self._completion_args(prompt, max_tokens, temperature, top_p, stop, seed, repetition_penalty,
-                                        frequency_penalty))
+                                        frequency_penalty, extra_body))
             choice = self._first_choice(response)
             return Reply(self._text(choice.text), choice.finish_reason or "", *self._usage(response))
 
     def stream(self, prompt, max_tokens=256, temperature=0.7, top_p=1.0, stop=None, seed=None,
-               repetition_penalty=None, frequency_penalty=None):
+               repetition_penalty=None, frequency_penalty=None, extra_body=None):
         """The completion of `prompt` piece by piece as the engine sends it (server-sent events).
 
         A failure before the first piece is retried like any request; one after it raises BackendError (the
@@ -79,20 +79,27 @@ class Backend:
         with self._errors():
             pieces = self.client.completions.create(
                 stream=True, **self._completion_args(prompt, max_tokens, temperature, top_p, stop, seed,
-                                                     repetition_penalty, frequency_penalty))
+                                                     repetition_penalty, frequency_penalty, extra_body))
+            finished = None
             with pieces:
                 for chunk in pieces:
                     if chunk.choices:
                         text = chunk.choices[0].text
+                        finished = chunk.choices[0].finish_reason or finished
                         if text:
                             yield self._text(text)
+            if finished is None:  # e.g. llama-cpp-python ends the stream quietly when its model call fails
+                raise BackendError(f"{self.base_url}: the answer stopped without finishing (the engine failed "
+                                   "mid-answer: see its log)")
 
     # ------------------------------------------------------------------------- internals
 
     def _completion_args(self, prompt, max_tokens, temperature, top_p, stop, seed, repetition_penalty,
-                         frequency_penalty):
+                         frequency_penalty, extra_body=None):
         # repetition_penalty is not in OpenAI's API: vLLM, SGLang and llama.cpp's server read it from the body.
-        extra = {"repetition_penalty": repetition_penalty} if repetition_penalty is not None else None
+        # extra_body: other fields engines read beyond OpenAI's (top_k, min_p, llama.cpp's repeat_penalty).
+        extra = {"repetition_penalty": repetition_penalty} if repetition_penalty is not None else {}
+        extra = {**extra, **(extra_body or {})} or None
         return given(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                      stop=stop, seed=seed, frequency_penalty=frequency_penalty, extra_body=extra)
 

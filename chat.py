@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from prompts import (DEFAULT_PROMPT_STYLE, DOCTOR, GREETING, PATIENT, PROMPT_STYLES, SAFETY_NOTICE, answer_sources_line,
-                     build_chat_prompt, fit_history, format_context, grounded_message, next_turn_prefix, visible_answer)
+from prompts import (DEFAULT_PROMPT_STYLE, DOCTOR, GREETING, PATIENT, PROMPT_STYLES, SAFETY_NOTICE, STOP_STRINGS,
+                     answer_sources_line, build_chat_prompt, fit_history, format_context, grounded_message,
+                     next_turn_prefix, visible_answer)
 from utils import DataError, ModelLoadError, fail, first_line, load_model, load_tokenizer, prompt_style_for
 from utils import terminal_safe
 
@@ -215,9 +216,12 @@ class AnswerStreamer:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        self.first_token_at = self.first_token_at or time.perf_counter()
         self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self.show(self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def show(self, text):
+        """The answer generated so far is `text`: pass on what of it is newly visible."""
+        self.first_token_at = self.first_token_at or time.perf_counter()
         visible, self.stopped = visible_answer(text)
         if visible.startswith(self.shown) and len(visible) > len(self.shown):
             if self.on_text is not None:
@@ -298,11 +302,12 @@ class Chat:
             raise ValueError(notice)
         if notice and on_notice is not None:
             on_notice(notice)
-        ids = self.encode(build_chat_prompt(turns, self.style))
+        prompt = build_chat_prompt(turns, self.style)
+        ids = self.encode(prompt)
         if not self.reuse_cache:
             self.drop_cache()
         try:
-            answer, streamer = self.generate(ids, on_text)
+            answer, streamer = self.generate(prompt, ids, on_text)
         except BaseException:  # Ctrl-C mid-step can leave layers of the cache at different lengths
             self.drop_cache()
             raise
@@ -332,7 +337,8 @@ class Chat:
     def respond_all(self, messages):
         return [self.respond(m) for m in messages]
 
-    def generate(self, ids, on_text):
+    def generate(self, prompt, ids, on_text):
+        """(the visible answer to `prompt`, whose tokens are `ids`; its streamer), streamed to on_text."""
         import torch
 
         self.fill_cache(ids[:-1])  # generate() then encodes only the last prompt token
@@ -377,6 +383,61 @@ class Chat:
         self.cached_ids = list(ids)
 
 
+# ----------------------------------------------------------------------------- a serving engine instead of the model
+
+# Without the model's tokenizer, a token is counted for every 3 bytes of UTF-8: SmolLM2's tokenizer averages 4.7
+# bytes a token over the held-out GenMedGPT questions and answers (2.6 in the densest one), so the count mostly runs
+# high and history fitting keeps a little less than would fit. A prompt the engine still finds too long is refused
+# by it with one line, and the dialogue goes on.
+BYTES_PER_TOKEN = 3
+
+
+class ApproximateTokenizer:
+    """Token counts for history fitting when no tokenizer of the served model is at hand (see BYTES_PER_TOKEN)."""
+
+    def __call__(self, text):
+        return {"input_ids": [0] * -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)}
+
+
+def engine_request(generation):
+    """generate()'s settings (GenerationSettings.generate_kwargs) as a completions request's. Greedy is temperature
+    0. top_k, min_p and llama.cpp's name of the repetition penalty go in the body, where vLLM, SGLang and llama.cpp
+    read them (OpenAI's API has neither); min_p 0 turns off llama.cpp's default 0.05, which generate() does not have."""
+    sampled = generation.get("do_sample", False)
+    penalty = generation.get("repetition_penalty", 1.0)
+    return {"temperature": generation.get("temperature", 1.0) if sampled else 0.0,
+            "top_p": generation.get("top_p", 1.0) if sampled else 1.0, "repetition_penalty": penalty,
+            "extra_body": {"top_k": generation.get("top_k", 0) if sampled else 0, "min_p": 0.0,
+                           "repeat_penalty": penalty}}
+
+
+class BackendChat(Chat):
+    """A Chat whose answers come from a serving engine (backend.Backend) through the completions API: the same
+    prompt, history fitting, grounding, stops and streaming as in-process. The engine keeps its own prefix cache
+    (llama.cpp and vLLM reuse the prompt a request shares with earlier ones), so nothing is cached here."""
+
+    def __init__(self, backend, tokenizer, style, generation, context, knowledge=None, k=None, seed=None):
+        self.backend, self.seed = backend, seed
+        super().__init__(None, tokenizer, style, generation, context=context, reuse_cache=False, knowledge=knowledge,
+                         k=k)
+
+    def generate(self, prompt, ids, on_text):
+        streamer = AnswerStreamer(None, on_text)
+        pieces = self.backend.stream(prompt, max_tokens=min(self.max_new_tokens, self.context - len(ids)),
+                                     stop=list(STOP_STRINGS), seed=self.seed, **engine_request(self.generation))
+        text = ""
+        try:
+            for piece in pieces:
+                text += piece
+                streamer.show(text)
+                if streamer.stopped:
+                    break
+        finally:
+            pieces.close()  # a stopped or abandoned answer: the engine stops generating it too
+        streamer.ids = self.encode(text)
+        return visible_answer(text + "\n")[0], streamer
+
+
 class OriginalPipelineChat:
     """The released autonomous ChatDoctor (Autonomous_ChatDoctor_csv): per message, the model extracts keywords,
     the table chunks with most keyword hits are answered one by one, and a last call picks the best answer.
@@ -415,6 +476,19 @@ class OriginalPipelineChat:
             on_text(answer)
         self.stats = {"model_calls": self.last_turn.model_calls}
         return answer
+
+
+class BackendOriginalPipelineChat(OriginalPipelineChat):
+    """The released autonomous pipeline with each of its model calls answered by a serving engine."""
+
+    def __init__(self, backend, csv_path, generation, seed=None):
+        self.backend, self.seed = backend, seed
+        super().__init__(None, None, csv_path, generation)
+
+    def complete(self, prompt):
+        settings = dict(self.generation)
+        max_tokens = settings.pop("max_new_tokens")
+        return self.backend.complete(prompt, max_tokens=max_tokens, seed=self.seed, **engine_request(settings)).text
 
 
 # ----------------------------------------------------------------------------- settings and the engine
@@ -472,6 +546,13 @@ class EngineSettings:
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     seed: Optional[int] = None
+    # A serving engine (OpenAI-compatible URL) answers instead of the model in model_path, which then gives only
+    # the tokenizer (token counts for history fitting), the recorded prompt style and the context size.
+    backend: Optional[str] = None
+    model: Optional[str] = None  # the engine's name of the model; None: the first it serves
+    backend_timeout: float = 120.0
+    backend_retries: int = 3
+    backend_context: int = 2048  # tokens the engine holds per request (llama.cpp's --n_ctx, vLLM's --max-model-len)
 
 
 def settings_from(args, settings_class):
@@ -487,10 +568,17 @@ class Engine:
     tokenizer: object
     knowledge_base: object = None
     where: str = ""  # the line that names the model and where it runs
+    backend: object = None  # a backend.Backend answering in place of `model`
+    context: Optional[int] = None  # with a backend: the tokens a request may hold
 
     def new_chat(self, generation):
         """A new conversation answering with `generation` (GenerationSettings)."""
         s, kwargs = self.settings, generation.generate_kwargs()
+        if self.backend is not None:
+            if s.knowledge_mode == "original":
+                return BackendOriginalPipelineChat(self.backend, s.knowledge, kwargs, s.seed)
+            return BackendChat(self.backend, self.tokenizer, s.prompt_style, kwargs, self.context,
+                               knowledge=self.knowledge_base, k=s.knowledge_k, seed=s.seed)
         if s.knowledge_mode == "original":
             return OriginalPipelineChat(self.model, self.tokenizer, s.knowledge, kwargs)
         grounding = {"knowledge": self.knowledge_base, "k": s.knowledge_k}
@@ -517,6 +605,8 @@ def load_knowledge_base(settings, info):
 def load_engine(settings, info):
     """The Engine of `settings` (EngineSettings), progress on `info`; its settings name the prompt style used."""
     quiet_libraries()
+    if settings.backend:
+        return connect_engine(settings, info)
     say(f"Loading {settings.model_path} ...", info)
     settings = replace(settings, prompt_style=prompt_style_for(settings.model_path, settings.prompt_style))
     model, tokenizer, device, dtype = load_chat_model(settings)
@@ -530,6 +620,48 @@ def load_engine(settings, info):
     return Engine(settings, model, tokenizer, knowledge_base, where)
 
 
+def local_tokenizer(settings):
+    """(tokenizer, what counts the tokens) of a --backend run: model_path's tokenizer when that model folder is here
+    (the engine serves an export of it, so the counts are the engine's), else ApproximateTokenizer."""
+    from utils import check_model_path
+
+    try:
+        check_model_path(settings.model_path, local=True)
+    except ModelLoadError:
+        return ApproximateTokenizer(), f"tokens estimated at {BYTES_PER_TOKEN} bytes each (no model folder here)"
+    return load_tokenizer(settings.model_path), f"tokens counted by {settings.model_path}'s tokenizer"
+
+
+def connect_engine(settings, info):
+    """The Engine of a --backend run: a client of the serving engine, the tokenizer, the knowledge base. An engine
+    that does not answer yet is reported and not waited for (each answer tries it again); without --model its
+    name must come from the engine."""
+    from backend import Backend, BackendError
+
+    say(f"Connecting to {settings.backend} ...", info)
+    server = Backend(settings.backend, settings.model, timeout=settings.backend_timeout,
+                     retries=settings.backend_retries)
+    try:
+        served = server.models()
+    except BackendError as e:
+        if not settings.model:
+            raise ValueError(f"{e} (and no --model NAME to ask it for)") from None
+        say(f"(the engine does not answer yet: {e}; each message tries it again)", info)
+        served = []
+    if not settings.model:
+        if not served:
+            raise ValueError(f"{settings.backend}: serves no model")
+        server.model = served[0]
+    elif served and settings.model not in served:
+        say(f"(the engine serves {', '.join(served)}, not {settings.model}: it may answer with another model)", info)
+    settings = replace(settings, model=server.model,
+                       prompt_style=prompt_style_for(settings.model_path, settings.prompt_style))
+    tokenizer, counted = local_tokenizer(settings)
+    knowledge_base = load_knowledge_base(settings, info)
+    where = f"{server.model} at {settings.backend} · prompt {settings.prompt_style} · {counted}"
+    return Engine(settings, None, tokenizer, knowledge_base, where, backend=server, context=settings.backend_context)
+
+
 # ----------------------------------------------------------------------------- the three ways to talk
 
 def say(text, stream):
@@ -538,6 +670,14 @@ def say(text, stream):
 
 def stream_to(stream):
     return lambda chunk: print(terminal_safe(chunk), end="", file=stream, flush=True)
+
+
+ENGINE_FAILED = "error: {error} (this message got no answer; send it again once the engine is back)"
+
+
+def engine_failed(error):
+    """Whether `error` is a serving engine's (backend.BackendError): that answer failed, the dialogue goes on."""
+    return "backend" in sys.modules and isinstance(error, sys.modules["backend"].BackendError)
 
 
 def answer_once(chat, message, out, info, prefix=""):
@@ -607,6 +747,10 @@ def run_interactive(chat):
             answer_once(chat, command, sys.stdout, sys.stdout, prefix=f"{DOCTOR}: ")
         except KeyboardInterrupt:
             print(" [stopped]", end="")
+        except Exception as e:
+            if not engine_failed(e):
+                raise
+            print(f"\n{ENGINE_FAILED.format(error=e)}", end="")
         print("\n")
 
 
@@ -624,7 +768,9 @@ def decoded_lines(stream, encoding, info):
 
 def run_lines(chat, lines):
     """Piped stdin: each non-empty line is a patient turn of one conversation; each answer on its own line.
-    The terminal's commands work here too (/sources prints its table on stdout, /help on stderr)."""
+    The terminal's commands work here too (/sources prints its table on stdout, /help on stderr). Exit code 1 when
+    the serving engine failed an answer (that line stays empty; the next messages are still tried)."""
+    failed = 0
     for line in lines:
         message = line.strip()
         if not message:
@@ -636,9 +782,15 @@ def run_lines(chat, lines):
             continue
         if run_command(chat, message, sys.stdout, sys.stderr):
             continue
-        answer_once(chat, message, sys.stdout, sys.stderr)
-        print(flush=True)
-    return 0
+        try:
+            answer_once(chat, message, sys.stdout, sys.stderr)
+        except Exception as e:
+            if not engine_failed(e):
+                raise
+            say(ENGINE_FAILED.format(error=e), sys.stderr)
+            failed = 1
+        print(flush=True)  # one line on stdout for every message, answered or not
+    return failed
 
 
 # ----------------------------------------------------------------------------- command line
@@ -667,6 +819,16 @@ def argument_parser(description="Talk to ChatDoctor in the terminal.", one_shot=
     g.add_argument("--max_new_tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     g.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    e = p.add_argument_group("serving engine (vLLM, llama.cpp, Ollama, ... answers instead of the model in-process)")
+    e.add_argument("--backend", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (key, "
+                   "if it needs one: $OPENAI_API_KEY); --model_path then gives only the tokenizer and prompt style")
+    e.add_argument("--model", metavar="NAME", help="the engine's name of the model (default: the first it serves)")
+    e.add_argument("--backend_timeout", type=float, default=EngineSettings.backend_timeout,
+                   help="seconds to wait for the engine (for a streamed answer: between two pieces)")
+    e.add_argument("--backend_retries", type=int, default=EngineSettings.backend_retries,
+                   help="tries again after a refused, dropped or timed-out request (before the answer's first piece)")
+    e.add_argument("--backend_context", type=int, default=EngineSettings.backend_context,
+                   help="tokens the engine holds per request (llama.cpp --n_ctx, vLLM --max-model-len)")
     h = p.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     h.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -692,6 +854,12 @@ def parse_args(argv=None, parser=None):
         p.error("--knowledge_k must be at least 1")
     if args.knowledge_mode == "original" and not args.knowledge:
         p.error("--knowledge_mode original needs --knowledge (a disease CSV)")
+    if args.backend_timeout <= 0 or args.backend_retries < 0 or args.backend_context < 2:
+        p.error("need --backend_timeout > 0, --backend_retries >= 0 and --backend_context >= 2")
+    if args.backend and not args.backend.startswith(("http://", "https://")):
+        p.error(f"--backend {args.backend}: not an http(s) URL (e.g. http://127.0.0.1:8080/v1)")
+    if args.model and not args.backend:
+        p.error("--model names a model of a serving engine: give its --backend URL (else --model_path)")
     return args
 
 

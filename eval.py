@@ -4,6 +4,7 @@
     python eval.py --model_path pretrained --data_path my_icliniq.json        # iCliniq: scored against answer_icliniq
     python eval.py --compare base=models/SmolLM2-135M-Instruct stage1=models/stage1 final=pretrained \\
                    --num_examples 50 --results_md docs/RESULTS.md          # what `make eval` runs
+    python eval.py --model_path pretrained --backend http://127.0.0.1:8080/v1  # answers from a serving engine
 
 One model writes to --output_dir: predictions.jsonl (instruction, input, reference, prediction and the
 per-example scores), metrics.json, report.md and metrics.png. --compare scores several models on the same
@@ -24,6 +25,8 @@ Metrics, each in [0, 1]:
 Each answer is what `chat.py --greedy --prompt MESSAGE` says for that model: the same prompt style (recorded
 by train.py in the models it saves, else chatdoctor), repetition penalty and stops (EOS, "Patient:"), batched
 with left padding. --compare adds an "echo the question" row: the patient's message as the answer.
+With --backend the answers come from a serving engine (its completions API, the same prompts, greedy, the same
+stops and penalty, --batch_size requests at once; --model_path gives the tokenizer and the prompt style).
 """
 import argparse
 import csv
@@ -45,7 +48,7 @@ from knowledge import decode_escapes
 from prompts import (DEFAULT_PROMPT_STYLE, PATIENT, PROMPT_STYLES, STOP_STRINGS, build_chat_prompt, format_context,
                      grounded_message, visible_answer)
 from utils import (EVAL_SPLITS, DataError, ModelLoadError, ensure_pad_token, fail, load_data, load_model_and_tokenizer,
-                   parse_jsonl, prompt_style_for, relative, replace_markdown_section, write_atomic)
+                   load_tokenizer, parse_jsonl, prompt_style_for, relative, replace_markdown_section, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "genmedgpt_heldout.json"  # written by `make data`, never trained on
@@ -127,10 +130,16 @@ def generate_answers(model, tokenizer, records, max_new_tokens=DEFAULT_MAX_NEW_T
 
 def completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, desc, batch_size=DEFAULT_BATCH_SIZE,
                 stop_strings=None):
-    """Greedy continuations of `prompts`, in order; batches group prompts of similar length."""
+    """Greedy continuations of `prompts`, in order; batches group prompts of similar length. `model` may be a
+    backend.Backend: then a serving engine writes them."""
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
+
+    from backend import Backend
+
+    if isinstance(model, Backend):
+        return engine_completions(model, prompts, max_new_tokens, repetition_penalty, desc, batch_size, stop_strings)
 
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends at its prompt
     ensure_pad_token(tokenizer, model)  # batches need one; the same policy as training
@@ -151,6 +160,21 @@ def completions(model, tokenizer, prompts, max_new_tokens, repetition_penalty, d
                 texts[i] = text
             bar.update(len(idx))
     return texts
+
+
+def engine_completions(backend, prompts, max_new_tokens, repetition_penalty, desc, workers, stop_strings=None):
+    """completions() from a serving engine: greedy, `workers` requests at once (the engine batches them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    request = chat.engine_request({"do_sample": False, "repetition_penalty": repetition_penalty})
+
+    def complete(prompt):
+        return backend.complete(prompt, max_tokens=max_new_tokens, stop=stop_strings, **request).text
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(complete, prompts), total=len(prompts), desc=desc, unit="call"))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -310,18 +334,19 @@ def resolve_diseases(csv_path):
 def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                    batch_size=DEFAULT_BATCH_SIZE, bertscore_encoder=None, name=None, settings=None, indices=None,
                    prompt_style=None, repetition_penalty=chat.DEFAULT_GENERATION["repetition_penalty"],
-                   mode="plain", knowledge_base=None, knowledge_spec=None, k=None):
+                   mode="plain", knowledge_base=None, knowledge_spec=None, k=None, backend=None):
     """Generate, score and write predictions.jsonl / metrics.json / report.md / metrics.png for one model.
     The prompt style is chat.py's for this model unless one is asked for. mode: plain, knowledge (each message
     grounded in the entries retrieved for it, as `chat.py --knowledge`) or original (the released autonomous
-    pipeline over the disease CSV)."""
+    pipeline over the disease CSV). `backend` (a backend.Backend): a serving engine answers; model_path gives the
+    tokenizer and prompt style."""
     import torch
 
     import knowledge
 
     torch.manual_seed(0)
     style = prompt_style_for(model_path, prompt_style)
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = (backend, load_tokenizer(model_path)) if backend else load_model_and_tokenizer(model_path)
     k = k or knowledge.DEFAULT_K
     # As chat.py: every message's entries are found (retrieval recall counts them), and they go into the prompt
     # only when the message describes symptoms (knowledge.Retrieval.grounded).
@@ -351,6 +376,7 @@ def evaluate_model(model_path, records, output_dir, matcher, encoder, max_new_to
             **(settings or {}), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
             "prompt_style": style if mode != "original" else "original pipeline", "repetition_penalty": repetition_penalty,
             "mode": mode, "knowledge": knowledge_spec if mode != "plain" else None, "knowledge_k": k if hits else None,
+            "backend": f"{backend.model} at {backend.base_url}" if backend else None,
             "embedding_model": str(encoder.path), "torch_threads": torch.get_num_threads(),
             "machine": machine.summary(machine.describe()),
         },
@@ -617,6 +643,12 @@ def argument_parser():
     parser.add_argument("--knowledge_k", type=int, default=None, help="entries per message (knowledge.DEFAULT_K)")
     parser.add_argument("--knowledge_mode", choices=("grounded", "original"), default="grounded",
                         help="with --model_path --knowledge: grounded answers or the released autonomous pipeline")
+    parser.add_argument("--backend", metavar="URL", help="with --model_path: a serving engine's OpenAI-compatible URL "
+                        "answers (key, if needed: $OPENAI_API_KEY); --model_path gives the tokenizer and prompt style")
+    parser.add_argument("--model", metavar="NAME", help="with --backend: the engine's name of the model "
+                                                        "(default: the first it serves)")
+    parser.add_argument("--backend_timeout", type=float, default=chat.EngineSettings.backend_timeout,
+                        help="seconds to wait for one answer from the engine")
     parser.add_argument("--bertscore", action="store_true", help="also BERTScore F1 on a local encoder")
     parser.add_argument("--bertscore_model", default=None, help="local encoder folder (default all-MiniLM-L6-v2)")
     parser.add_argument("--reuse_finished", action="store_true",
@@ -637,6 +669,21 @@ def models_of(args):
         models = [(Path(args.model_path).name, args.model_path, mode, None)]
     compare.check_paths(compare.Compared(name, path) for name, path, _, _ in models)
     return models
+
+
+def engine_of(args):
+    """The backend.Backend of --backend (None without); BackendError when it names no model and serves none."""
+    if not args.backend:
+        return None
+    from backend import Backend, BackendError
+
+    engine = Backend(args.backend, args.model, timeout=args.backend_timeout)
+    if not engine.model:
+        served = engine.models()
+        if not served:
+            raise BackendError(f"{args.backend}: serves no model")
+        engine.model = served[0]
+    return engine
 
 
 def score_models(args, models, out_root):
@@ -673,7 +720,7 @@ def score_models(args, models, out_root):
                                        indices=indices, prompt_style=style or args.prompt_style,
                                        repetition_penalty=args.repetition_penalty, mode=mode,
                                        knowledge_base=knowledge_base, knowledge_spec=knowledge_spec,
-                                       k=args.knowledge_k)
+                                       k=args.knowledge_k, backend=engine_of(args))
         metrics_by_name[name], rows_by_name[name] = metrics, rows
         print(f"{name}: " + ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in _metric_names({name: metrics}))
               + f" ({metrics['num_examples']} examples, {metrics['generate_seconds']} s) -> {out}")
@@ -697,12 +744,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num_examples < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
         fail("--num_examples must be >= 0, --max_new_tokens and --batch_size >= 1")
+    if args.backend and args.compare:
+        fail("--backend scores the one model the engine serves: give --model_path (its tokenizer), not --compare")
+    if args.model and not args.backend:
+        fail("--model names a model of a serving engine: give its --backend URL")
     try:
         models = models_of(args)
         out_root = Path(args.output_dir or (ROOT / "runs" / "eval" / ("" if args.compare else models[0][0])))
         metrics_by_name, rows_by_name = score_models(args, models, out_root)
     except (DataError, ModelLoadError) as e:
         fail(str(e))
+    except Exception as e:
+        if not chat.engine_failed(e):
+            raise
+        fail(str(e), code=1)
     if args.compare:
         write_comparison(args, argv, out_root, metrics_by_name, rows_by_name)
     return metrics_by_name

@@ -3,11 +3,16 @@
     python bench/bench_app.py                                   # 20 clients x 2 turns, embedded model, print
     python bench/bench_app.py --write docs/BENCHMARKS.md        # also into its '## Web app' section
     python bench/bench_app.py --model_path pretrained --clients 5 --max_new_tokens 48
+    python bench/bench_app.py --gguf runs/chatdoctor-smol-f16.gguf --write docs/BENCHMARKS.md   # app.py --backend:
+        # the page in front of llama.cpp's server (serve.py) over that GGUF, into '## Web app over a serving engine'
+    python bench/bench_app.py --backend http://HOST:PORT/v1 --model NAME --backend_slots 64    # an engine running
 
 Each client is its own session (a tab): it asks its own held-out GenMedGPT questions, one turn after the other,
 and checks that every answer came and that the history the server sends back holds its own messages and no
 other client's. The model answers one message at a time (the app's queue), so time to first token under load
 is mostly waiting in that queue: the table gives it beside the time of a lone client on the same server.
+With --gguf or --backend the same clients talk to app.py --backend: answers from a serving engine, up to
+--backend_slots at once.
 """
 import argparse
 import os
@@ -27,6 +32,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 SECTION = "## Web app"
 SECTION_BEGIN = "<!-- bench/bench_app.py: begin (generated; edits inside are overwritten) -->"
 SECTION_END = "<!-- bench/bench_app.py: end -->"
+ENGINE_SECTION = "## Web app over a serving engine"
+ENGINE_BEGIN = "<!-- bench/bench_app.py --backend: begin (generated; edits inside are overwritten) -->"
+ENGINE_END = "<!-- bench/bench_app.py --backend: end -->"
 FAILED = "Sorry, that answer failed"
 
 
@@ -141,16 +149,15 @@ def percentile(values, q):
 
 # ----------------------------------------------------------------------------- report
 
-def report(args, description, load_start, solo, loaded, errors, wall):
+def report(args, description, load_start, solo, loaded, errors, wall, app_args, engine):
     import machine
-    from utils import relative
 
     command = " ".join(["python bench/bench_app.py"] + sys.argv[1:])
     requests = args.clients * args.turns
     lines = [f"`{command}` on {machine.summary(description)}, load average {load_start:.1f} at start; app.py "
-             f"`--model_path {relative(args.model_path)} --greedy --max_new_tokens {args.max_new_tokens}` on loopback, "
-             f"{time.strftime('%Y-%m-%d')}. Each client is one gradio_client session asking {args.turns} held-out "
-             "GenMedGPT questions in turn; times are per request as the client sees them, from sending the message.",
+             f"`{' '.join(app_args)}` on loopback{engine}, {time.strftime('%Y-%m-%d')}. Each client is one "
+             f"gradio_client session asking {args.turns} held-out GenMedGPT questions in turn; times are per request "
+             "as the client sees them, from sending the message.",
              "", "| clients at once | requests | answered | time to first token p50 / p95 | total p50 / p95 | wall |",
              "|---|---|---|---|---|---|"]
     for label, rows, n, seconds in (("1 (alone)", solo, len(solo), sum(t for _, t in solo)),
@@ -160,9 +167,14 @@ def report(args, description, load_start, solo, loaded, errors, wall):
                      f"| {statistics.median(total):.1f} s / {percentile(total, 95):.1f} s | {seconds:.0f} s |")
     verdict = ("every request answered, each client's history held only its own messages, no error"
                if not errors else f"{len(errors)} problems, e.g. {errors[0]}")
-    lines += ["", f"Under load: {verdict}. The model answers one message at a time (`demo.queue("
-              "default_concurrency_limit=1)` and a lock), so a request's time to first token is mostly its wait in "
-              "the queue; the lone client's row is the model's own time per request on this machine."]
+    if args.backend or args.gguf:
+        how = (f"The page lets {args.backend_slots} answer(s) run at once (`--backend_slots`, the engine's parallel "
+               "slots) and queues the rest; the lone client's row is the engine's own time per request here.")
+    else:
+        how = ("The model answers one message at a time (`demo.queue(default_concurrency_limit=1)` and a lock), so a "
+               "request's time to first token is mostly its wait in the queue; the lone client's row is the model's "
+               "own time per request on this machine.")
+    lines += ["", f"Under load: {verdict}. {how}"]
     if load_start > (os.cpu_count() or 1):
         lines += ["", "Other jobs shared the CPU during this run (load average above the core count): the times are "
                   "slower and noisier than an idle machine's."]
@@ -177,11 +189,21 @@ def main():
     p.add_argument("--turns", type=int, default=2)
     p.add_argument("--solo", type=int, default=3, help="requests of one lone client first (the unloaded baseline)")
     p.add_argument("--max_new_tokens", type=int, default=24)
-    p.add_argument("--write", help="markdown file whose '## Web app' section gets the results")
+    p.add_argument("--write", help="markdown file whose '## Web app' section (with an engine: '## Web app over a "
+                                   "serving engine') gets the results")
+    e = p.add_argument_group("a serving engine (app.py --backend; --model_path then gives the tokenizer)")
+    e.add_argument("--gguf", help="start llama.cpp's server (serve.py) over this GGUF on a free port")
+    e.add_argument("--engine_threads", type=int, default=None, help="with --gguf: its threads (serve.py's default)")
+    e.add_argument("--backend", metavar="URL", help="or an engine already running at this OpenAI-compatible URL")
+    e.add_argument("--model", metavar="NAME", help="with --backend: the engine's name of the model")
+    e.add_argument("--backend_slots", type=int, default=None,
+                   help="answers app.py lets run at once (default: serve.py's slots with --gguf, else 1)")
     args = p.parse_args()
+    if args.gguf and args.backend:
+        p.error("--gguf starts an engine; --backend uses one already running: give one of them")
 
     import machine
-    from utils import load_data, replace_markdown_section
+    from utils import load_data, relative, replace_markdown_section
 
     records = load_data(args.data_path)
     questions = list(dict.fromkeys(" ".join(r["input"].split()) for r in records))  # distinct, one line each
@@ -191,8 +213,27 @@ def main():
     description, load_start = machine.describe(), os.getloadavg()[0]
     port, log_path = free_port(), ROOT / "runs" / "bench_app.log"
     log_path.parent.mkdir(exist_ok=True)
-    process = start_app(["--model_path", str(args.model_path), "--greedy", "--max_new_tokens",
-                         str(args.max_new_tokens)], port, log_path)
+    engine, engine_text, app_args = None, "", ["--model_path", relative(args.model_path), "--greedy",
+                                               "--max_new_tokens", str(args.max_new_tokens),
+                                               # every client here has the same address: the warm-up, lone and
+                                               # loaded clients' sessions
+                                               "--max_sessions_per_client", str(args.clients + 2)]
+    if args.gguf:
+        import serve
+
+        engine_port, engine_log = free_port(), ROOT / "runs" / "bench_app_engine.log"
+        engine = serve.start_engine(args.gguf, engine_port, engine_log, args.engine_threads)
+        serve.wait_engine(engine, engine_port, engine_log)
+        args.backend, args.model = serve.engine_url(engine_port), serve.MODEL_NAME
+        args.backend_slots = args.backend_slots or serve.ENGINE_SLOTS
+        command = serve.engine_command(relative(args.gguf), engine_port, args.engine_threads)
+        engine_text = (f", in front of llama-cpp-python's server over `{relative(args.gguf)}` "
+                       f"(`{' '.join(command[1:])}`)")
+    if args.backend:
+        args.backend_slots = args.backend_slots or 1
+        app_args += ["--backend", args.backend, "--backend_slots", str(args.backend_slots)]
+        app_args += ["--model", args.model] if args.model else []
+    process = start_app(app_args, port, log_path)
     try:
         wait_listening(process, port, log_path)
         url = f"http://127.0.0.1:{port}"
@@ -202,15 +243,19 @@ def main():
         loaded, errors, wall = run_clients(url, sets, args.max_new_tokens)
     finally:
         stop_app(process)
+        if engine is not None:
+            serve.stop_engine(engine)
     errors = solo_errors + errors
     for error in errors:
         print(f"problem: {error}", file=sys.stderr)
     if not solo or not loaded:
         sys.exit(f"error: no request answered (app log: {log_path})")
-    text = report(args, description, load_start, solo, loaded, errors, wall)
-    print(f"{SECTION}\n\n{text}")
+    text = report(args, description, load_start, solo, loaded, errors, wall, app_args, engine_text)
+    section, begin, end = (ENGINE_SECTION, ENGINE_BEGIN, ENGINE_END) if args.backend else (SECTION, SECTION_BEGIN,
+                                                                                          SECTION_END)
+    print(f"{section}\n\n{text}")
     if args.write:
-        replace_markdown_section(args.write, text, SECTION_BEGIN, SECTION_END, heading=SECTION)
+        replace_markdown_section(args.write, text, begin, end, heading=section)
     return 1 if errors else 0
 
 

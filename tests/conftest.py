@@ -337,3 +337,81 @@ class FaultProxy:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ----------------------------------------------------------------------------- the web page in a browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+needs_chromium = pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+                                    reason=f"no {CHROMIUM} / {CHROMEDRIVER}: apt-get install chromium chromium-driver "
+                                           "(make test does)")
+
+
+def chromium(width=1200, height=1000):
+    """Headless Chromium with a fresh profile, nothing of it talking to the network on its own."""
+    import tempfile
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not look for drivers on the internet
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+class Page:
+    """The app in one browser tab."""
+
+    def __init__(self, url, **size):
+        self.browser = chromium(**size)
+        self.browser.get(url)
+        from prompts import GREETING
+
+        self.wait_for(lambda: GREETING in self.conversation())
+
+    def text(self, css="body"):
+        from selenium.webdriver.common.by import By
+
+        return self.browser.find_element(By.CSS_SELECTOR, css).text
+
+    def conversation(self):
+        return self.text("#conversation")
+
+    def wait_for(self, condition, timeout=600):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(self.browser, timeout, poll_frequency=0.2).until(lambda _: condition())
+
+    def send(self, message):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        self.wait_for(lambda: self.browser.find_elements(By.CSS_SELECTOR, "#message textarea"))
+        self.browser.find_element(By.CSS_SELECTOR, "#message textarea").send_keys(message, Keys.ENTER)
+        self.wait_for(lambda: message in self.conversation())
+
+    def answer(self):
+        """The text after the last 'ChatDoctor:' of the conversation, once the answer is complete."""
+        self.wait_for(lambda: not self.busy())
+        from prompts import DOCTOR
+
+        return self.conversation().rsplit(f"{DOCTOR}:", 1)[1].strip()
+
+    def busy(self):
+        from selenium.webdriver.common.by import By
+
+        # what gradio shows while a request waits (.pending, .eta-bar) or streams (.generating)
+        return bool(self.browser.find_elements(By.CSS_SELECTOR, ".pending, .generating, .eta-bar, .progress-text"))
+
+    def click(self, css):
+        from selenium.webdriver.common.by import By
+
+        self.browser.find_element(By.CSS_SELECTOR, css).click()
+
+    def close(self):
+        self.browser.quit()

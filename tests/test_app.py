@@ -27,13 +27,10 @@ import knowledge  # noqa: E402
 import prompts  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
+from conftest import Page, needs_chromium  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ANSWER_TOKENS = 8
 RED_FLAG = "I have crushing chest pain and can't breathe"
-needs_chromium = pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-                                    reason=f"no {CHROMIUM} / {CHROMEDRIVER}: apt-get install chromium chromium-driver "
-                                           "(make test does)")
 
 
 # ----------------------------------------------------------------------------- in-process
@@ -255,69 +252,6 @@ def test_listens_on_loopback_only(server):
 
 
 # ----------------------------------------------------------------------------- the browser
-
-def chromium(width=1200, height=1000):
-    """Headless Chromium with a fresh profile, nothing of it talking to the network on its own."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}", f"--window-size={width},{height}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
-class Page:
-    """The app in one browser tab."""
-
-    def __init__(self, url, **size):
-        self.browser = chromium(**size)
-        self.browser.get(url)
-        self.wait_for(lambda: prompts.GREETING in self.conversation())
-
-    def text(self, css="body"):
-        from selenium.webdriver.common.by import By
-
-        return self.browser.find_element(By.CSS_SELECTOR, css).text
-
-    def conversation(self):
-        return self.text("#conversation")
-
-    def wait_for(self, condition, timeout=600):
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        WebDriverWait(self.browser, timeout, poll_frequency=0.2).until(lambda _: condition())
-
-    def send(self, message):
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.common.keys import Keys
-
-        self.wait_for(lambda: self.browser.find_elements(By.CSS_SELECTOR, "#message textarea"))
-        self.browser.find_element(By.CSS_SELECTOR, "#message textarea").send_keys(message, Keys.ENTER)
-        self.wait_for(lambda: message in self.conversation())
-
-    def answer(self):
-        """The text after the last 'ChatDoctor:' of the conversation, once the answer is complete."""
-        self.wait_for(lambda: not self.busy())
-        return self.conversation().rsplit(f"{prompts.DOCTOR}:", 1)[1].strip()
-
-    def busy(self):
-        from selenium.webdriver.common.by import By
-
-        # what gradio shows while a request waits (.pending, .eta-bar) or streams (.generating)
-        return bool(self.browser.find_elements(By.CSS_SELECTOR, ".pending, .generating, .eta-bar, .progress-text"))
-
-    def click(self, css):
-        from selenium.webdriver.common.by import By
-
-        self.browser.find_element(By.CSS_SELECTOR, css).click()
-
-    def close(self):
-        self.browser.quit()
-
 
 @pytest.fixture
 def page(server):
