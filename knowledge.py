@@ -339,10 +339,10 @@ def embed(texts, batch_size=64):
     return vectors.astype(np.float32, copy=False)
 
 
-def content_hash(paths):
+def content_hash(paths, faiss_min_entries=FAISS_MIN_ENTRIES):
     """Of the files' names and bytes, and of everything else that shapes the index."""
     h = hashlib.sha256(json.dumps([RETRIEVER_VERSION, BM25_PARAMS, QUESTION_WORDS, PASSAGE_WORDS,
-                                   EMBEDDING_PACKAGE, FAISS_MIN_ENTRIES]).encode())
+                                   EMBEDDING_PACKAGE, faiss_min_entries]).encode())
     for path in paths:
         for f in text_files(path) if path.is_dir() else [path]:
             h.update(str(f).encode() + b"\0" + hashlib.sha256(read_file_bytes(f, MAX_SOURCE_BYTES)).digest())
@@ -358,10 +358,12 @@ def hnsw_index(embeddings, neighbours=32, ef_search=128):
     return index
 
 
-def build_index(entries, out_dir):
-    """Everything `KnowledgeBase.load` reads, written into out_dir."""
+def build_index(entries, out_dir, embed_texts=None, faiss_min_entries=FAISS_MIN_ENTRIES):
+    """Everything `KnowledgeBase.load` reads, written into out_dir. embed_texts: what embeds the entries (default
+    MiniLM's `embed`; bench/bench_knowledge.py's scale rows pass a cheap stand-in)."""
     import bm25s
 
+    embed_texts = embed_texts or embed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
     with open(out_dir / "entries.jsonl", "w", encoding="utf-8") as f:
@@ -375,17 +377,17 @@ def build_index(entries, out_dir):
         phrases = bm25s.BM25(**BM25_PARAMS)
         phrases.index(phrase_lists, show_progress=False)
         phrases.save(out_dir / "phrases", show_progress=False)
-        write_symptom_index(entries, out_dir)
+        write_symptom_index(entries, out_dir, embed_texts)
     titles = {}
     for i, terms in enumerate(tokenize(e.title for e in entries)):
         if terms:
             titles.setdefault(" ".join(terms), []).append(i)
     (out_dir / "titles.json").write_text(json.dumps(titles), encoding="utf-8")
-    embeddings = embed(lexical_text(e) for e in entries)
+    embeddings = embed_texts(lexical_text(e) for e in entries)
     np.save(out_dir / "embeddings.npy", embeddings)
     if any(e.fields.get("description") for e in entries):
-        np.save(out_dir / "description_embeddings.npy", embed(e.fields.get("description", "") for e in entries))
-    if len(entries) >= FAISS_MIN_ENTRIES:
+        np.save(out_dir / "description_embeddings.npy", embed_texts(e.fields.get("description", "") for e in entries))
+    if len(entries) >= faiss_min_entries:
         import faiss
 
         faiss.write_index(hnsw_index(embeddings), str(out_dir / "dense.faiss"))
@@ -426,7 +428,7 @@ def cache_damage(folder):
     return f"{changed} changed since the build" if changed else None
 
 
-def write_symptom_index(entries, out_dir):
+def write_symptom_index(entries, out_dir, embed_texts):
     """Every symptom name embedded once, and which entries list it, weighted by its rarity (idf)."""
     from scipy import sparse
 
@@ -436,7 +438,7 @@ def write_symptom_index(entries, out_dir):
     has = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(entries), len(names)))
     idf = np.log(len(entries) / np.asarray(has.sum(axis=0)).ravel()).astype(np.float32)
     sparse.save_npz(out_dir / "symptom_matrix.npz", sparse.csr_matrix(has.multiply(idf[None, :])))
-    np.save(out_dir / "symptom_embeddings.npy", embed(names))
+    np.save(out_dir / "symptom_embeddings.npy", embed_texts(names))
 
 
 def clauses(message):
@@ -507,10 +509,11 @@ class KnowledgeBase:
             self.dense_index = faiss.read_index(str(path / "dense.faiss"))
 
     @classmethod
-    def load(cls, spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR):
-        """The knowledge base of a --knowledge spec; built once per content, then read from the cache."""
+    def load(cls, spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, embed_texts=None, faiss_min_entries=FAISS_MIN_ENTRIES):
+        """The knowledge base of a --knowledge spec; built once per content, then read from the cache.
+        embed_texts, faiss_min_entries: build_index's (what a benchmark varies)."""
         paths = parse_spec(spec)
-        path = Path(cache_dir) / content_hash(paths)
+        path = Path(cache_dir) / content_hash(paths, faiss_min_entries)
         remove_stale_temporaries(cache_dir, rf"{path.name}\.tmp(?P<pid>\d+)")  # left by a killed build
         damage = cache_damage(path) if path.exists() else None
         if damage:
@@ -524,7 +527,7 @@ class KnowledgeBase:
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             with removed_unless_finished(tmp):  # Ctrl-C, SIGTERM or an error: no half-built folder stays
-                build_index(entries, tmp)
+                build_index(entries, tmp, embed_texts, faiss_min_entries)
             try:
                 os.replace(tmp, path)  # readers never see a half-built index
             except OSError:  # another process published the same index first
@@ -638,8 +641,8 @@ class Retrieval:
         return f"{verdict} (symptom evidence {self.evidence:.2f}, threshold {GROUND_MIN_EVIDENCE:.2f})"
 
 
-def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR):
-    return KnowledgeBase.load(spec, cache_dir)
+def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, **index_options):
+    return KnowledgeBase.load(spec, cache_dir, **index_options)
 
 
 # ----------------------------------------------------------------------------- the original pipeline

@@ -207,21 +207,18 @@ def peak_rss_mb():
 
 def scale_child(phase, corpus, cache, faiss_min):
     """One measurement in this process; prints JSON. build: index the corpus; serve: load it and answer."""
-    knowledge.FAISS_MIN_ENTRIES = faiss_min
     if phase == "build":
-        real_embed = knowledge.embed
         centres = knowledge.load_knowledge().embeddings
-        knowledge.embed = synthetic_embed(centres)
         start = time.perf_counter()
-        kb = knowledge.load_knowledge(str(corpus), cache_dir=cache)
+        kb = knowledge.load_knowledge(str(corpus), cache_dir=cache, embed_texts=synthetic_embed(centres),
+                                      faiss_min_entries=faiss_min)
         build_s = time.perf_counter() - start
-        knowledge.embed = real_embed
         size = sum(f.stat().st_size for f in kb.cache_path.rglob("*") if f.is_file())
         return {"build_s_without_minilm": round(build_s, 1), "peak_rss_mb": peak_rss_mb(),
                 "index_on_disk_mb": round(size / 2**20, 1), "faiss": kb.dense_index is not None}
     questions = [r["input"] for r in load_records(SPLITS["train"])[:SCALE_QUERIES]]
     start = time.perf_counter()
-    kb = knowledge.load_knowledge(str(corpus), cache_dir=cache)
+    kb = knowledge.load_knowledge(str(corpus), cache_dir=cache, faiss_min_entries=faiss_min)
     load_s = time.perf_counter() - start
     vectors = knowledge.encode_messages(questions)
     times, tops = [], []

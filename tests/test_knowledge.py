@@ -1,6 +1,7 @@
 """knowledge.py: readers, bad inputs, retrieval, the on-disk cache, prompt text, and the original pipeline."""
 import csv
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,18 @@ def test_passages_without_symptom_names_always_ground(tmp_path):
     kb = load_knowledge(str(path), cache_dir=tmp_path / "cache")
     retrieval = kb.retrieve("Is it safe to take ibuprofen with my sertraline?", k=1)
     assert retrieval.evidence is None and retrieval.grounded
+
+
+def test_a_large_base_searches_through_faiss_with_the_brute_force_answer(tmp_path):
+    """From faiss_min_entries on, dense search goes through an HNSW index; here (a few entries) it must rank as
+    brute force does. The threshold is part of the cache key: the two bases are two caches."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in [
+        ("Gout", "A hot, red, swollen big toe that hurts at night."), ("Migraine", "A throbbing headache with nausea."),
+        ("Asthma", "Wheezing and shortness of breath at night."), ("Eczema", "Itchy, dry, red patches of skin.")]))
+    plain = knowledge.load_knowledge(str(notes), cache_dir=tmp_path / "cache")
+    indexed = knowledge.load_knowledge(str(notes), cache_dir=tmp_path / "cache", faiss_min_entries=1)
+    assert plain.dense_index is None and indexed.dense_index is not None
+    assert plain.cache_path != indexed.cache_path
+    question = "my big toe is swollen and red"
+    assert [e.title for e, _ in indexed.search(question, 1)] == [e.title for e, _ in plain.search(question, 1)] == ["Gout"]
