@@ -21,9 +21,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from backend import Backend, BackendError
 
 ROOT = Path(__file__).resolve().parent
 ENGINE_PORT = 8080
@@ -70,9 +70,9 @@ def wait_engine(process, port, log_path, timeout=300):
         if process.poll() is not None:
             raise RuntimeError(f"the engine exited with {process.returncode}:\n{Path(log_path).read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{engine_url(port)}/models", timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
+            Backend(engine_url(port), MODEL_NAME, timeout=2, retries=0).models()
+            return
+        except BackendError:
             time.sleep(0.5)
     raise RuntimeError(f"the engine does not answer on {port} after {timeout} s:\n{Path(log_path).read_text()[-3000:]}")
 
