@@ -43,23 +43,26 @@ def default_threads():
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def engine_command(gguf, port, threads=None, context=ENGINE_CONTEXT):
-    """llama-cpp-python's server over `gguf` on 127.0.0.1:`port`, set up to answer as chat.py does in-process."""
+def engine_command(gguf, port, threads=None, context=ENGINE_CONTEXT, alias=MODEL_NAME, chat_format=None):
+    """llama-cpp-python's server over `gguf` on 127.0.0.1:`port`, set up to answer as chat.py does in-process.
+    chat_format: how it prompts chat-completions (None: the GGUF's own template, chat.py's prompt)."""
     threads = threads or default_threads()
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_NAME,
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
             "--n_threads", str(threads), "--n_threads_batch", str(threads),
             # By default a new request cuts off the answer being streamed: with many users every answer would be cut.
             "--interrupt_requests", "False",
             # The repetition penalty over the whole dialogue, as transformers' generate() applies it (default: 64).
             "--last_n_tokens_size", str(context),
-            "--verbose", "False"]
+            "--verbose", "False", *(["--chat_format", chat_format] if chat_format else [])]
 
 
-def start_engine(gguf, port, log_path, threads=None, context=ENGINE_CONTEXT):
-    """The engine in a subprocess of its own process group, its output in `log_path`; returns the Popen at once."""
+def start_engine(gguf, port, log_path, threads=None, context=ENGINE_CONTEXT, **command):
+    """The engine in a subprocess of its own process group, its output in `log_path`; returns the Popen at once.
+    `command`: engine_command's alias and chat_format."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen(engine_command(gguf, port, threads, context), cwd=ROOT, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(engine_command(gguf, port, threads, context, **command), cwd=ROOT,
+                                stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

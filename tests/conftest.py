@@ -212,41 +212,23 @@ class LlamaServer:
     export_gguf.py makes chat.py's ChatDoctor prompt). The completions API takes the prompt as given."""
 
     def __init__(self, gguf, alias="teacher", chat_format="chatml", n_ctx=1024, port=None, timeout=120):
+        import serve
+
         self.gguf, self.alias, self.port = Path(gguf), alias, port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = open(self.gguf.with_name(f"server-{self.port}.log"), "w+")
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "2"]
-        cmd += ["--chat_format", chat_format] if chat_format else []
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.wait_healthy(timeout)
-
-    def wait_healthy(self, timeout):
-        import urllib.request
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"llama_cpp.server exited ({self.process.returncode}): {self.log.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"llama_cpp.server not answering on {self.base_url} after {timeout} s")
+        self.base_url = serve.engine_url(self.port)
+        log_path = self.gguf.with_name(f"server-{self.port}.log")
+        self.process = serve.start_engine(gguf, self.port, log_path, context=n_ctx, alias=alias,
+                                          chat_format=chat_format)
+        try:
+            serve.wait_engine(self.process, self.port, log_path, timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        import serve
+
+        serve.stop_engine(self.process)
 
 
 @pytest.fixture(scope="session")
