@@ -34,3 +34,23 @@ def test_no_cycles_among_the_scripts():
         return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in graph[start])
 
     assert not [name for name in graph if reaches(name, name)]
+
+
+def test_the_prompts_are_byte_identical_to_those_before_they_moved_to_prompts_py():
+    """tests/fixtures/prompts_before_issue20.json was written by chat.py / utils.py / export_gguf.py before the
+    dialogue format moved into prompts.py: the Python prompt, the Jinja and the Ollama templates must not drift."""
+    import json
+
+    import prompts
+
+    golden = json.loads((ROOT / "tests" / "fixtures" / "prompts_before_issue20.json").read_text(encoding="utf-8"))
+    for case in golden["prompts"]:
+        turns = [tuple(turn) for turn in case["turns"]]
+        assert prompts.build_chat_prompt(turns, case["style"]) == case["prompt"]
+        assert prompts.next_turn_prefix(turns, case["style"]) == case["prefix"]
+        assert prompts.build_chat_prompt(turns, case["style"], instruction="Be brief.") == case["instructed"]
+    for style in prompts.PROMPT_STYLES:
+        assert prompts.chat_template_for(style) == golden["templates"][style]
+        assert prompts.ollama_template(style) == golden["templates"]["ollama-" + style]
+    for case in golden["records"]:
+        assert prompts.build_prompt(case["record"]) == case["prompt"]
