@@ -70,8 +70,9 @@ demo: data model
 	@printf '\nPatient: %s\n\nChatDoctor: %s\n\nChatDoctor with --knowledge format_dataset.csv: %s\n\n' "$(DEMO_QUESTION)" \
 		"$$(cat runs/demo-answer.txt)" "$$(cat runs/demo-answer-knowledge.txt)"
 
+# --durations: the slowest tests are listed at the end, so the 20-minute budget of `make test` can be watched.
 test: data model browser dictionaries
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # tests/test_app.py drives headless Chromium; on Debian/Ubuntu install it (as root, or through sudo) when missing.
 browser:

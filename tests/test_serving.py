@@ -177,7 +177,7 @@ def ask(c, message, max_new_tokens=TOKENS):
 @pytest.mark.slow
 @needs_engine
 def test_piped_chat_over_the_engine_grounds_flags_and_answers_as_in_process(engine, embedded_model_dir):
-    question = "I have had a dry cough for two weeks."
+    question = "I have had a dry cough and a fever for two weeks."  # symptoms: it is grounded (knowledge.py)
     done = subprocess.run([sys.executable, "chat.py", *backend_args(engine, embedded_model_dir, "--knowledge",
                                                                     "format_dataset.csv", "--repetition_penalty", "1")],
                           cwd=ROOT, input=f"{question}\n{RED_FLAG}\n", capture_output=True, text=True, timeout=300)
@@ -197,7 +197,7 @@ def test_piped_chat_over_the_engine_grounds_flags_and_answers_as_in_process(engi
 @needs_engine
 def test_sessions_at_once_keep_their_own_dialogues_sources_and_notices(page_server):
     questions = {"Anna": ["Anna has a rash. What should Anna do?", "Anna's rash itches at night. Why?"],
-                 "Ben": [RED_FLAG, "Ben has a cough too. What should Ben do?"]}
+                 "Ben": [RED_FLAG, "Ben also has a fever, a sore throat and swollen glands."]}
     histories = {}
 
     def dialogue(name):
