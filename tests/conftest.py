@@ -397,3 +397,23 @@ class Page:
 
     def close(self):
         self.browser.quit()
+
+
+def dialogues_at_once(questions, open_client, ask, timeout=600):
+    """Each name's questions asked in order by a client of its own, every name at once (threads): {name: the
+    history after its last question}, for checks that sessions never mix."""
+    import threading
+
+    histories = {}
+
+    def dialogue(name):
+        c = open_client()
+        for question in questions[name]:
+            histories[name] = ask(c, question)
+
+    threads = [threading.Thread(target=dialogue, args=(name,)) for name in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return histories

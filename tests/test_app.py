@@ -27,7 +27,7 @@ import knowledge  # noqa: E402
 import prompts  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
-from conftest import Page, needs_chromium  # noqa: E402
+from conftest import Page, dialogues_at_once, needs_chromium  # noqa: E402
 
 ANSWER_TOKENS = 8
 RED_FLAG = "I have crushing chest pain and can't breathe"
@@ -217,18 +217,7 @@ def test_client_sees_the_answer_grow(server):
 def test_clients_at_once_keep_their_own_dialogues(server):
     questions = {name: [f"{name} has a {symptom}. What should {name} do?" for symptom in symptoms]
                  for name, symptoms in (("Anna", ("rash", "itch")), ("Ben", ("cough", "fever")))}
-    histories = {}
-
-    def dialogue(name):
-        c = client(server)
-        for question in questions[name]:
-            histories[name] = ask(c, question)
-
-    threads = [threading.Thread(target=dialogue, args=(name,)) for name in questions]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
+    histories = dialogues_at_once(questions, lambda: client(server), ask)
     for name, history in histories.items():
         assert patient_messages(history) == questions[name]
         assert last_answer(history).startswith(app.answer_prefix()) and "Sorry" not in last_answer(history)

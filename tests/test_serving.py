@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import chat  # noqa: E402
 import prompts  # noqa: E402
 import serve  # noqa: E402
 from bench_app import free_port, last_answer, message_text, patient_messages, start_app, stop_app, wait_listening  # noqa: E402
-from conftest import Page, needs_chromium  # noqa: E402
+from conftest import Page, dialogues_at_once, needs_chromium  # noqa: E402
 
 RED_FLAG = "I have crushing chest pain and can't breathe"
 TOKENS = 8
@@ -198,18 +197,7 @@ def test_piped_chat_over_the_engine_grounds_flags_and_answers_as_in_process(engi
 def test_sessions_at_once_keep_their_own_dialogues_sources_and_notices(page_server):
     questions = {"Anna": ["Anna has a rash. What should Anna do?", "Anna's rash itches at night. Why?"],
                  "Ben": [RED_FLAG, "Ben also has a fever, a sore throat and swollen glands."]}
-    histories = {}
-
-    def dialogue(name):
-        c = client(page_server)
-        for question in questions[name]:
-            histories[name] = ask(c, question)
-
-    threads = [threading.Thread(target=dialogue, args=(name,)) for name in questions]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
+    histories = dialogues_at_once(questions, lambda: client(page_server), ask)
     assert len(histories) == 2
     for name, history in histories.items():
         assert patient_messages(history) == questions[name]
