@@ -81,11 +81,17 @@ SCALED_SCORES = ("words", "phrases", "clauses")  # unbounded: divided by their b
 # symptom list and the disease's description. Fitted on the GenMedGPT training split and the tuning part of
 # data/lay_questions.json together (bench/tune_knowledge.py); GenMedGPT questions name 3 symptom names (median),
 # lay ones 1.
-LAY_NAMED_SYMPTOMS = 3
-LAY_WEIGHTS = {"words": 0.0, "phrases": 0.0, "clauses": 0.0, "title": WEIGHTS["title"], "dense": 3.0, "description": 2.0}
+LAY_NAMED_SYMPTOMS = 5
+LAY_WEIGHTS = {"words": 0.0, "phrases": 0.0, "clauses": 0.0, "title": WEIGHTS["title"], "dense": 3.0, "description": 3.0}
 # A title that is also a word of a symptom name ("Burn": "Burning chest pain") is more often a symptom than the
 # disease named: "burning when passing urine" must not retrieve Burn first. Such titles count this much.
 AMBIGUOUS_TITLE = 0.25
+# The message's MiniLM vector goes through this linear map before its cosines with a disease table's entries (dense,
+# description): a 384x384 matrix held near the identity, fitted so that GenMedGPT training questions land nearest
+# their disease (a softmax over the table's entries), its strength chosen on the lay tuning messages it never saw
+# (bench/tune_knowledge.py --fit_query_map). It moves everyday wording towards the profiles of the diseases it
+# describes. Not applied to passages, to clause vectors or to symptom evidence.
+QUERY_MAP = ROOT / "data" / "knowledge_query_map.npy"
 # Knowing when not to ground: the entries go into the prompt only when the message describes symptoms, measured as
 # its symptom evidence (the best cosine of the message or one of its clauses with any symptom name of the
 # database). Below GROUND_MIN_EVIDENCE ("is it safe to take ibuprofen with my sertraline?") the model answers
@@ -462,6 +468,18 @@ def encode_messages(messages):
     return out
 
 
+def read_query_map(path, dimension):
+    """QUERY_MAP's square matrix, checked; DataError naming the file when it is not one of the encoder's size."""
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the knowledge query map ({str(e).strip()[:120]})") from None
+    if matrix.shape != (dimension, dimension) or not np.isfinite(matrix).all():
+        raise DataError(f"{path}: the knowledge query map must be a finite {dimension}x{dimension} matrix, "
+                        f"found shape {matrix.shape}")
+    return matrix.astype(np.float32, copy=False)
+
+
 def _scaled(scores):
     """Scores / the best one, so that unbounded ones add up with cosines on one scale."""
     top = scores.max() if len(scores) else 0.0
@@ -480,7 +498,7 @@ def top_indices(scores, k):
 class KnowledgeBase:
     """Entries and their indexes. `search(query, k)` ranks entries by the weighted sum of WEIGHTS' scores."""
 
-    def __init__(self, path, built=False):
+    def __init__(self, path, built=False, query_map=QUERY_MAP):
         import bm25s
 
         path = Path(path)
@@ -502,6 +520,9 @@ class KnowledgeBase:
             self.symptom_embeddings = np.load(path / "symptom_embeddings.npy")
         description = path / "description_embeddings.npy"
         self.description_embeddings = np.load(description) if description.is_file() else None
+        self.query_map = None
+        if query_map and self.symptom_matrix is not None:
+            self.query_map = read_query_map(query_map, self.embeddings.shape[1])
         self.dense_index = None
         if (path / "dense.faiss").is_file():
             import faiss
@@ -509,9 +530,11 @@ class KnowledgeBase:
             self.dense_index = faiss.read_index(str(path / "dense.faiss"))
 
     @classmethod
-    def load(cls, spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, embed_texts=None, faiss_min_entries=FAISS_MIN_ENTRIES):
+    def load(cls, spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, embed_texts=None, faiss_min_entries=FAISS_MIN_ENTRIES,
+             query_map=QUERY_MAP):
         """The knowledge base of a --knowledge spec; built once per content, then read from the cache.
-        embed_texts, faiss_min_entries: build_index's (what a benchmark varies)."""
+        embed_texts, faiss_min_entries: build_index's (what a benchmark varies); query_map: QUERY_MAP's file, or None
+        for the message's own vector."""
         paths = parse_spec(spec)
         path = Path(cache_dir) / content_hash(paths, faiss_min_entries)
         remove_stale_temporaries(cache_dir, rf"{path.name}\.tmp(?P<pid>\d+)")  # left by a killed build
@@ -532,7 +555,7 @@ class KnowledgeBase:
                 os.replace(tmp, path)  # readers never see a half-built index
             except OSError:  # another process published the same index first
                 shutil.rmtree(tmp, ignore_errors=True)
-        return cls(path, built)
+        return cls(path, built, query_map)
 
     def __len__(self):
         return len(self.entries)
@@ -555,18 +578,26 @@ class KnowledgeBase:
         title = zeros.copy()
         for span in self.named_titles(terms):
             title[self.titles[span]] = AMBIGUOUS_TITLE if span in self.ambiguous_titles else 1.0
+        entry_vector = self.entry_query(query_vector)
         if self.dense_index is None:
             candidates = slice(None)
         else:  # approximate: cosines only for the HNSW, BM25 and title candidates
-            _, ids = self.dense_index.search(query_vector[None, :], CANDIDATES)
+            _, ids = self.dense_index.search(entry_vector[None, :], CANDIDATES)
             candidates = np.unique(np.concatenate([ids[0][ids[0] >= 0], top_indices(words, CANDIDATES),
                                                    top_indices(phrases, CANDIDATES), np.flatnonzero(title)]))
         dense, description = zeros.copy(), zeros.copy()
-        dense[candidates] = self.embeddings[candidates] @ query_vector
+        dense[candidates] = self.embeddings[candidates] @ entry_vector
         if self.description_embeddings is not None:
-            description[candidates] = self.description_embeddings[candidates] @ query_vector
+            description[candidates] = self.description_embeddings[candidates] @ entry_vector
         return {"words": words, "phrases": phrases, "clauses": clause_scores, "title": title, "dense": dense,
                 "description": description}
+
+    def entry_query(self, query_vector):
+        """The vector a message's cosines with the entries use: its own, or through the query map (unit length)."""
+        if self.query_map is None:
+            return query_vector
+        mapped = query_vector @ self.query_map
+        return (mapped / max(float(np.linalg.norm(mapped)), 1e-12)).astype(np.float32)
 
     def named_titles(self, terms):
         """The titles whose words stand in the message in a row ("heart attack", not "attack ... heart")."""

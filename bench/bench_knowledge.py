@@ -9,8 +9,9 @@ are GenMedGPT records (data/genmedgpt_{train,heldout}.json) whose answer names e
 question does not name it (eval.DiseaseMatcher), and the two parts of data/lay_questions.json (everyday words,
 any accepted disease counts): lay_tuning, on which knowledge.py's lay path was fitted (bench/tune_knowledge.py),
 and lay_heldout, on which nothing was chosen. Each retriever ranks the same questions: the default (knowledge.py:
-WEIGHTS, moved towards LAY_WEIGHTS when few symptom names are named), WEIGHTS alone (the retriever before the lay
-path), reciprocal rank fusion of the same six scores, BM25 over words alone, and MiniLM alone.
+WEIGHTS, moved towards LAY_WEIGHTS when few symptom names are named, the message's vector through QUERY_MAP), the
+same without the query map, WEIGHTS alone (the retriever before the lay path), reciprocal rank fusion of the same
+six scores, BM25 over words alone, MiniLM alone (the plain baseline) and MiniLM through the query map.
 
 Grounding: the share of messages whose entries would go into the prompt (knowledge.Retrieval.grounded) on the
 diagnosis sets and on both parts of data/non_diagnosis_questions.json. Latency: per message as chat.py calls
@@ -103,20 +104,23 @@ def reciprocal_rank_fusion(components, k=RRF_K):
     return fused
 
 
+# Each scorer gets the knowledge base (with the query map), the same base without it, the message and its vectors.
 RETRIEVERS = {
-    "fused (default)": lambda kb, q, v: kb.fused_scores(q, v),
-    "fused, WEIGHTS alone (no lay path)": lambda kb, q, v: kb.fused_scores(q, v, knowledge.WEIGHTS),
-    "reciprocal rank fusion": lambda kb, q, v: reciprocal_rank_fusion(kb.component_scores(q, v)),
-    "bm25 words": lambda kb, q, v: kb.component_scores(q, v)["words"],
-    "minilm": lambda kb, q, v: kb.component_scores(q, v)["dense"],
+    "fused (default)": lambda kb, plain, q, v: kb.fused_scores(q, v),
+    "fused, no query map": lambda kb, plain, q, v: plain.fused_scores(q, v),
+    "fused, WEIGHTS alone (no lay path)": lambda kb, plain, q, v: kb.fused_scores(q, v, knowledge.WEIGHTS),
+    "reciprocal rank fusion": lambda kb, plain, q, v: reciprocal_rank_fusion(kb.component_scores(q, v)),
+    "bm25 words": lambda kb, plain, q, v: plain.component_scores(q, v)["words"],
+    "minilm": lambda kb, plain, q, v: plain.component_scores(q, v)["dense"],
+    "minilm through the query map": lambda kb, plain, q, v: kb.component_scores(q, v)["dense"],
 }
 
 
-def recall_table(kb, pairs):
+def recall_table(kb, plain, pairs):
     vectors = knowledge.encode_messages([q for q, _ in pairs])
     table, curves = {}, {}
     for name, scorer in RETRIEVERS.items():
-        ranks = np.array([rank_of_best(scorer(kb, q, v), right) for (q, right), v in zip(pairs, vectors)])
+        ranks = np.array([rank_of_best(scorer(kb, plain, q, v), right) for (q, right), v in zip(pairs, vectors)])
         table[name] = {f"recall@{k}": round(float(np.mean(ranks < k)), 3) for k in KS}
         curves[name] = [float(np.mean(ranks < k)) for k in range(1, 21)]
     return table, curves
@@ -290,11 +294,12 @@ def main():
     result = {"torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
     result["build"] = build_times(knowledge.DEFAULT_KNOWLEDGE)
     kb = knowledge.load_knowledge()
+    plain = knowledge.load_knowledge(query_map=None)
     titles = [e.title for e in kb.entries]
     result["recall"] = {}
     for split in args.splits.split(","):
         pairs = labelled_questions(split, titles, limit=args.train_limit if split == "train" else 0)
-        table, curves = recall_table(kb, pairs)
+        table, curves = recall_table(kb, plain, pairs)
         result["recall"][split] = {"questions": len(pairs), **table}
         if split == "train":
             curve = curves["fused (default)"]

@@ -1,11 +1,15 @@
 """Fit knowledge.py's lay-language path and its grounding threshold on tuning data only; prints JSON.
 
     python bench/tune_knowledge.py                   # a few minutes on 2 cores (embeds ~400 messages)
+    python bench/tune_knowledge.py --fit_query_map   # first refits data/knowledge_query_map.npy (~6 min more)
 
 What it reads: 300 questions of the GenMedGPT training split (data/genmedgpt_train.json), the tuning part of
 data/lay_questions.json and the tuning part of data/non_diagnosis_questions.json (`"split": "tuning"`). The held-out
 parts, and data/genmedgpt_heldout.json, are never opened here: bench/bench_knowledge.py reports them after the
 choice. What it chooses:
+- with --fit_query_map, knowledge.QUERY_MAP: for each point of MAP_GRID, a linear map fitted on the GenMedGPT
+  training questions that are not among the 300 above (fit_query_map); the point whose map gives the best mean of
+  recall@1 and recall@5 on the lay tuning messages (the map's cosines alone) is written. Then the rest runs with it;
 - LAY_NAMED_SYMPTOMS, LAY_WEIGHTS' dense and description weights: the grid point with the best mean of recall@1 and
   recall@5 over the GenMedGPT and lay tuning questions (equal weight to each set);
 - GROUND_MIN_EVIDENCE: the symptom evidence (knowledge.KnowledgeBase.symptom_evidence) from which a message is
@@ -31,7 +35,66 @@ from utils import load_records  # noqa: E402
 
 LAY = ROOT / "data" / "lay_questions.json"
 NON_DIAGNOSIS = ROOT / "data" / "non_diagnosis_questions.json"
-GRID = {"named": (1, 2, 3, 4), "dense": (1.0, 2.0, 3.0), "description": (0.5, 1.0, 1.5, 2.0)}
+GRID = {"named": (1, 2, 3, 4, 5, 6), "dense": (1.0, 2.0, 3.0), "description": (0.5, 1.0, 1.5, 2.0, 3.0)}
+MAP_GRID = {"strength": (0.03, 0.1, 0.3, 1.0), "temperature": (0.05, 0.1)}
+
+
+def fit_query_map(vectors, answers, entry_matrices, strength, temperature, steps=200, seed=0):
+    """A square matrix M such that each question vector v, mapped to v M, is nearest its answer's entry: the
+    cross-entropy over every entry of (the summed cosines of v M with entry_matrices) / temperature, plus `strength`
+    times the squared distance of M from the identity (what keeps it near the encoder's own geometry). Full-batch
+    Adam, deterministic for a seed."""
+    import torch
+
+    torch.manual_seed(seed)
+    identity = torch.eye(vectors.shape[1])
+    matrix = identity.clone().requires_grad_(True)
+    questions, answers = torch.from_numpy(vectors), torch.as_tensor(answers)
+    entries = [torch.from_numpy(m) for m in entry_matrices]
+    optimizer = torch.optim.Adam([matrix], lr=2e-3)
+    for _ in range(steps):
+        mapped = torch.nn.functional.normalize(questions @ matrix, dim=1)
+        logits = sum(mapped @ e.T for e in entries) / temperature
+        loss = torch.nn.functional.cross_entropy(logits, answers) + strength * ((matrix - identity) ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return matrix.detach().numpy()
+
+
+def mapped_recall(matrix, encoded, pairs, entry_matrices):
+    """Recall@1/5 of the map's cosines alone (dense + description) on (question, right entries) pairs."""
+    ranks = []
+    for (vector, _), (_, right) in zip(encoded, pairs):
+        mapped = vector @ matrix
+        mapped /= np.linalg.norm(mapped)
+        ranks.append(rank_of_best(sum(m @ mapped for m in entry_matrices), right))
+    ranks = np.array(ranks)
+    return {f"recall@{k}": round(float(np.mean(ranks < k)), 3) for k in (1, 5)}
+
+
+def choose_query_map(kb, titles, fusion_questions, lay, out_path):
+    """Fit a map per MAP_GRID point, keep the best on the lay tuning messages, write it to out_path."""
+    held_back = {q for q, _ in fusion_questions}
+    fit_pairs = [(q, right) for q, right in labelled_questions("train", titles) if q not in held_back]
+    print(f"embedding {len(fit_pairs)} GenMedGPT training questions", file=sys.stderr, flush=True)
+    vectors = knowledge.embed([q for q, _ in fit_pairs])
+    answers = [min(right) for _, right in fit_pairs]
+    entry_matrices = [kb.embeddings, kb.description_embeddings]
+    lay_encoded = knowledge.encode_messages([q for q, _ in lay])
+    identity = np.eye(vectors.shape[1], dtype=np.float32)
+    grid = [{"strength": None, "temperature": None, **mapped_recall(identity, lay_encoded, lay, entry_matrices)}]
+    best = None
+    for strength, temperature in itertools.product(*MAP_GRID.values()):
+        matrix = fit_query_map(vectors, answers, entry_matrices, strength, temperature)
+        row = {"strength": strength, "temperature": temperature, **mapped_recall(matrix, lay_encoded, lay, entry_matrices)}
+        grid.append(row)
+        objective = row["recall@1"] + row["recall@5"]
+        if best is None or objective > best[0] + 1e-9:
+            best = (objective, matrix, row)
+    np.save(out_path, best[1].astype(np.float32))
+    return {"fitted_on_questions": len(fit_pairs), "chosen": best[2], "written": str(out_path),
+            "grid (lay tuning, map's cosines alone; strength None = no map)": grid}
 
 
 def tuning_part(path):
@@ -84,11 +147,16 @@ def best_threshold(grounded, not_grounded):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_limit", type=int, default=300)
+    p.add_argument("--fit_query_map", action="store_true", help="refit knowledge.QUERY_MAP first (see above)")
     args = p.parse_args()
-    kb = knowledge.load_knowledge()
+    kb = knowledge.load_knowledge(query_map=None if args.fit_query_map else knowledge.QUERY_MAP)
     titles = [e.title for e in kb.entries]
     sets = {"genmedgpt_train": labelled_questions("train", titles, limit=args.train_limit),
             "lay_tuning": lay_pairs(tuning_part(LAY), titles)}
+    query_map = None
+    if args.fit_query_map:
+        query_map = choose_query_map(kb, titles, sets["genmedgpt_train"], sets["lay_tuning"], knowledge.QUERY_MAP)
+        kb = knowledge.load_knowledge()
     rows = {name: scored(kb, pairs) for name, pairs in sets.items()}
     grid = []
     for n, dense, description in itertools.product(*GRID.values()):
@@ -104,7 +172,7 @@ def main():
     current = {name: recall(rs, knowledge.LAY_NAMED_SYMPTOMS, knowledge.LAY_WEIGHTS["dense"],
                             knowledge.LAY_WEIGHTS["description"]) for name, rs in rows.items()}
     print(json.dumps({"questions": {k: len(v) for k, v in sets.items()} | {"non_diagnosis_tuning": len(non_diagnosis)},
-                      "best": grid[:5], "knowledge.py now": current,
+                      "query map": query_map or "not refitted (--fit_query_map)", "best": grid[:5], "knowledge.py now": current,
                       "without the lay path": {name: recall(rs, 0, 0, 0) for name, rs in rows.items()},
                       "grounding": {"GROUND_MIN_EVIDENCE": round(threshold, 3), "balanced_accuracy": round(accuracy, 3),
                                     "diagnosis questions grounded": round(kept, 3),

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from prompts import format_context, sources_line
 from utils import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import tune_knowledge  # noqa: E402
 DISEASE_CSV = ROOT / "format_dataset.csv"
 HEADER = "idx,disease,Symptom,reason,TestsAndProcedures,commonMedications\n"
 
@@ -315,10 +318,63 @@ def test_a_lay_message_finds_its_disease_among_the_first_three(lay_db, message, 
 
 
 def test_the_lay_path_moves_the_weights_only_when_few_symptom_names_are_named(lay_db):
-    clinical = "Doctor, I have painful urination, frequent urination, suprapubic pain and blood in urine."
+    clinical = ("Doctor, I have painful urination, frequent urination, suprapubic pain, pelvic pain, retention of urine "
+                "and blood in urine.")
+    assert len(lay_db.named_symptoms(set(knowledge.tokenize([clinical])[0]))) >= knowledge.LAY_NAMED_SYMPTOMS
     assert lay_db.weights_for(clinical) == knowledge.WEIGHTS
     lay = lay_db.weights_for("it stings when I wee")
     assert lay["dense"] > knowledge.WEIGHTS["dense"] and lay["words"] < knowledge.WEIGHTS["words"]
+
+
+# ----------------------------------------------------------------------------- the query map
+
+def test_fit_query_map_pulls_questions_to_their_entries_and_strength_holds_it_near_identity():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    entries = unit(rng.normal(size=(20, 16)))
+    answers = rng.integers(0, 20, 300)
+    mixing = np.eye(16) + 0.8 * rng.normal(size=(16, 16))  # questions worded unlike their entries
+    questions = unit(entries[answers] @ mixing + 0.1 * rng.normal(size=(300, 16)))
+    top1 = lambda m: float(np.mean(np.argmax(unit(questions @ m) @ entries.T, axis=1) == answers))  # noqa: E731
+    fitted = tune_knowledge.fit_query_map(questions, answers, [entries], strength=1e-3, temperature=0.05)
+    assert top1(fitted) > top1(np.eye(16)) + 0.2
+    held = tune_knowledge.fit_query_map(questions, answers, [entries], strength=1e4, temperature=0.05)
+    assert np.abs(held - np.eye(16)).max() < 1e-2
+
+
+def test_the_query_map_applies_to_disease_tables_only(tmp_path):
+    table = load_knowledge(str(write(tmp_path / "db.csv", first_rows(5))), cache_dir=tmp_path / "cache")
+    assert table.query_map is not None and table.query_map.shape == (384, 384)
+    notes = load_knowledge(str(write(tmp_path / "notes.jsonl", '{"title": "Gout", "text": "A red big toe."}\n')),
+                           cache_dir=tmp_path / "cache")
+    assert notes.query_map is None
+
+
+@pytest.mark.parametrize("content", [b"not a numpy file", None])
+def test_a_bad_query_map_is_one_line_naming_the_file(tmp_path, content):
+    import numpy as np
+
+    bad = tmp_path / "map.npy"
+    bad.write_bytes(content) if content else np.save(bad, np.eye(3))
+    with pytest.raises(DataError) as error:
+        load_knowledge(str(write(tmp_path / "db.csv", first_rows(3))), cache_dir=tmp_path / "cache", query_map=bad)
+    assert str(bad) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_the_query_map_brings_lay_messages_to_their_disease():
+    """On the lay tuning messages (the map never saw them: it is fitted on GenMedGPT questions), more find an
+    accepted disease among the first five through the map than without it."""
+    records = tune_knowledge.tuning_part(ROOT / "data" / "lay_questions.json")
+    messages = [r["input"] for r in records]
+
+    def found(kb):
+        hits = kb.search_batch(messages, k=5)
+        return sum(bool({e.title for e, _ in found} & set(r["accepted"])) for r, found in zip(records, hits))
+
+    assert found(load_knowledge()) >= found(load_knowledge(query_map=None)) + 0.05 * len(records)
 
 
 # ----------------------------------------------------------------------------- when not to ground
