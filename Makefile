@@ -24,7 +24,7 @@ DEMO_STAGE1_STEPS ?= 10
 DEMO_STAGE2_STEPS ?= 50
 DEMO_QUESTION ?= Doctor, I have had a sore throat, fever and swollen glands in my neck for three days. What could it be?
 
-.PHONY: setup data model generate demo test browser dictionaries clean-data app chat gguf serve recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
+.PHONY: setup data model generate demo test browser dictionaries proxy clean-data app chat gguf serve recipe cpu-run retrieval-data retrieval-tuned eval lora-vs-full bench benchmarks clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -71,8 +71,11 @@ demo: data model
 		"$$(cat runs/demo-answer.txt)" "$$(cat runs/demo-answer-knowledge.txt)"
 
 # --durations: the slowest tests are listed at the end, so the 20-minute budget of `make test` can be watched.
-test: data model browser dictionaries
-	$(PY) -m pytest -q --durations=25 tests
+# Two pytest workers (pytest-xdist), a test file each at a time: much of the suite waits on child processes (Python
+# start-up, servers, a browser), so two workers keep both cores busy. TEST_WORKERS=0: one process, in file order.
+TEST_WORKERS ?= 2
+test: data model browser dictionaries proxy
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --durations=25 tests
 
 # tests/test_app.py drives headless Chromium; on Debian/Ubuntu install it (as root, or through sudo) when missing.
 browser:
@@ -81,6 +84,16 @@ browser:
 		else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 			$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
 			|| echo "WARNING: could not install chromium chromium-driver: the browser tests will skip"; fi; }
+
+# tests/test_generate.py puts mitmproxy (mitmdump, reverse-proxy mode) between generate.py and the real llama.cpp
+# server to inject what an engine cannot be made to do on demand (429s, a cut reply, a slow answer); install it (as
+# root, or through sudo) when missing. It runs on Debian's own Python, apart from .venv.
+proxy:
+	@test -x /usr/bin/mitmdump || { \
+		if ! command -v apt-get >/dev/null; then echo "note: no apt-get: install mitmproxy, or the fault-injection tests skip"; \
+		else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+			$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends mitmproxy \
+			|| echo "WARNING: could not install mitmproxy: the fault-injection tests will skip"; fi; }
 
 # clean.py's names and spelling rules read Debian's hunspell dictionaries (en_US and the medical en_med); install them
 # (as root, or through sudo) when missing. Without them those rules stop with one line and their tests skip.

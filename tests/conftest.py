@@ -254,71 +254,73 @@ def llama_server(tiny_gguf):
     server.stop()
 
 
+MITMDUMP = "/usr/bin/mitmdump"
+needs_mitmproxy = pytest.mark.skipif(not os.access(MITMDUMP, os.X_OK),
+                                     reason=f"no {MITMDUMP}: apt-get install mitmproxy (make test does)")
+
+
 class FaultProxy:
-    """A real HTTP proxy in front of a real engine that forwards every request and can spoil the exchange: answer
-    429 to the first `refuse` requests (or all, refuse=-1), wait `delay` seconds before forwarding, or cut the
-    engine's answer to half its bytes (`cut`). The engine always does the work; only the fault is made up."""
+    """mitmproxy (mitmdump, reverse-proxy mode) in front of a real engine, with tests/fault_addon.py: it forwards
+    every request and can spoil the exchange: answer 429 to the first `refuse` requests (or all, refuse=-1), wait
+    `delay` seconds before forwarding, or cut the engine's answer to half its bytes (`cut`). The engine always does
+    the work; only the fault is made up."""
 
     def __init__(self, target_base_url, refuse=0, delay=0.0, cut=False):
-        import http.server
-        import threading
+        import tempfile
         import urllib.parse
 
-        self.target = urllib.parse.urlsplit(target_base_url)
-        self.refuse, self.delay, self.cut = refuse, delay, cut
-        self.requests = 0
-        proxy = self
+        if not os.access(MITMDUMP, os.X_OK):
+            pytest.skip(f"no {MITMDUMP}: apt-get install mitmproxy (make test does)")
+        target = urllib.parse.urlsplit(target_base_url)
+        self.folder = Path(tempfile.mkdtemp(prefix="fault-proxy-"))
+        self.count_file = self.folder / "requests.log"
+        self.count_file.touch()
+        self.received = None
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}{target.path}"
+        options = {"confdir": self.folder / "conf", "refuse": refuse, "delay_ms": round(1000 * delay),
+                   "cut": str(cut).lower(), "count_file": self.count_file}
+        command = [MITMDUMP, "--quiet", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                   "--mode", f"reverse:{target.scheme}://{target.netloc}", "-s", str(ROOT / "tests" / "fault_addon.py")]
+        for name, value in options.items():
+            command += ["--set", f"{name}={value}"]
+        self.log = open(self.folder / "mitmdump.log", "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_listening(port)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def wait_listening(self, port, timeout=60):
+        import socket
 
-            def do_GET(self):
-                proxy.forward(self)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mitmdump exited: {(self.folder / 'mitmdump.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.close()
+        raise RuntimeError(f"mitmdump does not listen on {port} after {timeout} s")
 
-            def do_POST(self):
-                proxy.forward(self)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def forward(self, handler):
-        import http.client
-
-        self.requests += 1
-        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-        if self.refuse < 0 or self.requests <= self.refuse:
-            return self.reply(handler, 429, b'{"error": {"message": "Too many requests (proxy)"}}', "application/json")
-        time.sleep(self.delay)
-        connection = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=300)
-        try:
-            connection.request(handler.command, handler.path, body=body or None,
-                               headers={"Content-Type": handler.headers.get("Content-Type", "application/json")})
-            response = connection.getresponse()
-            data = response.read()
-        except OSError:
-            return self.reply(handler, 502, b'{"error": {"message": "engine unreachable (proxy)"}}', "application/json")
-        finally:
-            connection.close()
-        self.reply(handler, response.status, data[:len(data) // 2] if self.cut else data,
-                   response.getheader("Content-Type", "application/json"))
-
-    @staticmethod
-    def reply(handler, status, data, content_type):
-        try:
-            handler.send_response(status)
-            handler.send_header("Content-Type", content_type)
-            handler.send_header("Content-Length", str(len(data)))
-            handler.end_headers()
-            handler.wfile.write(data)
-        except OSError:  # the client gave up (a timeout test)
-            pass
+    @property
+    def requests(self):
+        """Requests received so far (after close: in all)."""
+        return self.received if self.received is not None else len(self.count_file.read_text().splitlines())
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        import shutil
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        self.received = len(self.count_file.read_text().splitlines())
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the web page in a browser
