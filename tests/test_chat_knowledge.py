@@ -192,3 +192,25 @@ def test_eval_runs_the_original_pipeline_as_released(tiny, disease_csv):
     turns = [knowledge.original_answer(r["input"], complete, chunks) for r in records]
     assert answers == [prompts.visible_answer(t.answer + "\n")[0] for t in turns]
     assert calls == [t.model_calls for t in turns] and all(c <= 6 for c in calls)
+
+
+def demo_question():
+    """The question `make demo` ends with (Makefile's DEMO_QUESTION)."""
+    makefile = (utils.ROOT / "Makefile").read_text(encoding="utf-8")
+    return next(line.split("?=", 1)[1].strip() for line in makefile.splitlines() if line.startswith("DEMO_QUESTION"))
+
+
+@pytest.mark.slow
+def test_the_demo_question_is_grounded_in_the_database_and_names_its_sources(tiny_model_dir, capsys):
+    """make demo's second answer: the repository's disease database grounds the question (sore throat, fever,
+    swollen neck glands), with throat or neck diseases among the entries, and the answer ends with their Sources."""
+    question = demo_question()
+    retrieval = knowledge.load_knowledge().retrieve(question)
+    assert retrieval.grounded and len(retrieval.used) == knowledge.DEFAULT_K
+    throat_or_neck = {"Strep throat", "Tonsillitis", "Pharyngitis", "Peritonsillar abscess", "Lymphadenitis", "Mumps",
+                      "Mononucleosis", "Acute sinusitis", "Common cold", "Flu"}
+    assert {entry.title for entry, _ in retrieval.used} & throat_or_neck
+    assert chat.main(tiny_args(tiny_model_dir, "--knowledge", str(knowledge.DEFAULT_KNOWLEDGE),
+                               "--prompt", question)) == 0
+    lines = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert lines[-1] == prompts.sources_line(retrieval.used)
