@@ -58,7 +58,7 @@ CACHE_DIR = ROOT / ".cache" / "knowledge"
 # A source file larger than this is refused before it is read (every source is read whole into memory).
 MAX_SOURCE_BYTES = 512 * 2**20
 MANIFEST = "manifest.json"  # in each cache folder, written last: every other file's size and sha256
-RETRIEVER_VERSION = "4"  # bump when indexing changes: old caches are then ignored
+RETRIEVER_VERSION = "5"  # bump when indexing changes: old caches are then ignored
 # Entries per message. Recall still grows after 3, but with more entries many grounded GenMedGPT records no
 # longer fit the recipe's 512 tokens: 3 is what the retrieval-tuned model can be trained on (docs/BENCHMARKS.md,
 # "Why three entries").
@@ -104,11 +104,13 @@ AMBIGUOUS_TITLE = 0.25
 QUERY_MAP = ROOT / "data" / "knowledge_query_map.npy"
 # Knowing when not to ground: the entries go into the prompt only when the message describes symptoms, measured as
 # its symptom evidence (the best cosine of the message or one of its clauses with any symptom name of the
-# database). Below GROUND_MIN_EVIDENCE ("is it safe to take ibuprofen with my sertraline?") the model answers
-# without them. The threshold is the best balanced accuracy between diagnosis questions and the tuning part of
-# data/non_diagnosis_questions.json (bench/tune_knowledge.py). A knowledge base without symptom names (passages)
-# always grounds.
-GROUND_MIN_EVIDENCE = 0.55
+# database), and describes them more than it names a test or a medicine (its best cosine with the database's test
+# and medication names, at least GROUND_MIN_MARGIN below). Otherwise ("is it safe to take ibuprofen with my
+# sertraline?", "my ECG says sinus rhythm, rate 58") the model answers without them. Both are the best balanced
+# accuracy between diagnosis questions and the tuning part of data/non_diagnosis_questions.json
+# (bench/tune_knowledge.py). A knowledge base without symptom names (passages) always grounds.
+GROUND_MIN_EVIDENCE = 0.48
+GROUND_MIN_MARGIN = 0.05
 # A message cut into clauses, mostly one symptom each; a clause "matches" a symptom name from this cosine on.
 CLAUSE_SPLIT = re.compile(r"[.,;!?]|\band\b|\balso\b|\bbut\b|\bwith\b")
 CLAUSE_MATCH = 0.7
@@ -534,6 +536,9 @@ def write_symptom_index(entries, out_dir, embed_texts):
     idf = np.log(len(entries) / np.asarray(has.sum(axis=0)).ravel()).astype(np.float32)
     sparse.save_npz(out_dir / "symptom_matrix.npz", sparse.csr_matrix(has.multiply(idf[None, :])))
     np.save(out_dir / "symptom_embeddings.npy", embed_texts(names))
+    care = sorted({name for e in entries for key in ("tests", "medications") for name in e.fields.get(key, [])})
+    if care:
+        np.save(out_dir / "care_embeddings.npy", embed_texts(care))
 
 
 def clauses(message):
@@ -607,6 +612,8 @@ class KnowledgeBase:
 
             self.symptom_matrix = sparse.load_npz(path / "symptom_matrix.npz")
             self.symptom_embeddings = np.load(path / "symptom_embeddings.npy")
+        care = path / "care_embeddings.npy"  # the database's test and medication names
+        self.care_embeddings = np.load(care) if care.is_file() else None
         description = path / "description_embeddings.npy"
         self.description_embeddings = np.load(description) if description.is_file() else None
         self.query_map = None
@@ -719,6 +726,14 @@ class KnowledgeBase:
         query_vector, clause_vectors = encoded
         return float((np.vstack([query_vector[None, :], clause_vectors]) @ self.symptom_embeddings.T).max())
 
+    def care_evidence(self, encoded):
+        """How much the message names a test or a medicine: the best cosine of it or one of its clauses with a test
+        or medication name of the database (None when it has none)."""
+        if self.care_embeddings is None:
+            return None
+        query_vector, clause_vectors = encoded
+        return float((np.vstack([query_vector[None, :], clause_vectors]) @ self.care_embeddings.T).max())
+
     def search(self, query, k=DEFAULT_K):
         """The k best entries for `query`, best first: [(entry, score)]."""
         return self.search_batch([query], k)[0]
@@ -735,7 +750,7 @@ class KnowledgeBase:
         for query, encoded in zip(queries, encode_messages(queries)):
             scores = self.fused_scores(query, encoded)
             hits = [(self.entries[i], float(scores[i])) for i in top_indices(scores, k)]
-            results.append(Retrieval(hits, self.symptom_evidence(encoded)))
+            results.append(Retrieval(hits, self.symptom_evidence(encoded), self.care_evidence(encoded)))
         return results
 
 
@@ -744,10 +759,19 @@ class Retrieval:
     """What the retriever found for one message, and whether it goes into the prompt."""
     hits: list  # [(entry, score)], best first
     evidence: float = None  # KnowledgeBase.symptom_evidence; None: the knowledge base has no symptom names
+    care: float = None  # KnowledgeBase.care_evidence; None: no test or medication names
+
+    @property
+    def describes_symptoms(self):
+        return self.evidence >= GROUND_MIN_EVIDENCE
+
+    @property
+    def more_symptoms_than_care(self):
+        return self.care is None or self.evidence - self.care >= GROUND_MIN_MARGIN
 
     @property
     def grounded(self):
-        return bool(self.hits) and (self.evidence is None or self.evidence >= GROUND_MIN_EVIDENCE)
+        return bool(self.hits) and (self.evidence is None or (self.describes_symptoms and self.more_symptoms_than_care))
 
     @property
     def used(self):
@@ -757,8 +781,14 @@ class Retrieval:
     def reason(self):
         if self.evidence is None:
             return "grounded: this knowledge base has no symptom names to check the message against"
-        verdict = "grounded" if self.grounded else "not grounded: the message does not describe symptoms"
-        return f"{verdict} (symptom evidence {self.evidence:.2f}, threshold {GROUND_MIN_EVIDENCE:.2f})"
+        if self.grounded:
+            verdict = "grounded"
+        elif not self.describes_symptoms:
+            verdict = "not grounded: the message does not describe symptoms"
+        else:
+            verdict = "not grounded: the message is about a test or a medicine more than symptoms"
+        care = "" if self.care is None else f"; test or medicine {self.care:.2f}, margin {GROUND_MIN_MARGIN:.2f}"
+        return f"{verdict} (symptom evidence {self.evidence:.2f}, threshold {GROUND_MIN_EVIDENCE:.2f}{care})"
 
 
 def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, **index_options):

@@ -12,9 +12,10 @@ choice. What it chooses:
   recall@1 and recall@5 on the lay tuning messages (the map's cosines alone) is written. Then the rest runs with it;
 - LAY_NAMED_SYMPTOMS, LAY_WEIGHTS' dense and description weights: the grid point with the best mean of recall@1 and
   recall@5 over the GenMedGPT and lay tuning questions (equal weight to each set);
-- GROUND_MIN_EVIDENCE: the symptom evidence (knowledge.KnowledgeBase.symptom_evidence) from which a message is
-  grounded, the threshold with the best balanced accuracy between diagnosis questions (GenMedGPT and lay tuning)
-  and the non-diagnosis tuning questions.
+- GROUND_MIN_EVIDENCE and GROUND_MIN_MARGIN: the symptom evidence (knowledge.KnowledgeBase.symptom_evidence) from
+  which a message is grounded, and by how much it must exceed the test-or-medicine evidence (care_evidence): the
+  pair with the best balanced accuracy between diagnosis questions (GenMedGPT and lay tuning) and the
+  non-diagnosis tuning questions.
 The values chosen are copied into knowledge.py by hand, with this command beside them.
 """
 import argparse
@@ -113,7 +114,7 @@ def scored(kb, pairs):
     out = []
     for (q, right), encoded in zip(pairs, knowledge.encode_messages([q for q, _ in pairs])):
         named = len(kb.named_symptoms(set(knowledge.tokenize([q])[0])))
-        out.append((right, kb.component_scores(q, encoded), named, kb.symptom_evidence(encoded)))
+        out.append((right, kb.component_scores(q, encoded), named, evidence(kb, encoded)))
     return out
 
 
@@ -134,14 +135,27 @@ def recall(rows, n, dense, description):
     return {f"recall@{k}": round(float(np.mean(ranks < k)), 3) for k in (1, 3, 5, 10)}
 
 
-def best_threshold(grounded, not_grounded):
-    """The evidence threshold with the best balanced accuracy (ties: the lower one, which grounds more)."""
-    grounded, not_grounded = np.asarray(grounded), np.asarray(not_grounded)
+MARGINS = (None, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1)  # None: the care evidence is not looked at
+
+
+def evidence(kb, encoded):
+    return kb.symptom_evidence(encoded), kb.care_evidence(encoded)
+
+
+def best_grounding(grounded, not_grounded):
+    """The (threshold, margin) with the best balanced accuracy (ties: the lower threshold, which grounds more).
+    Each message: (symptom evidence, care evidence)."""
+    grounded, not_grounded = np.asarray(grounded, dtype=float), np.asarray(not_grounded, dtype=float)
+
+    def kept(rows, t, margin):
+        return (rows[:, 0] >= t) & (True if margin is None else rows[:, 0] - rows[:, 1] >= margin)
+
     best = None
-    for t in np.unique(np.round(np.concatenate([grounded, not_grounded]), 3)):
-        accuracy = (np.mean(grounded >= t) + np.mean(not_grounded < t)) / 2
-        if best is None or accuracy > best[0] + 1e-9:
-            best = (float(accuracy), float(t), float(np.mean(grounded >= t)), float(np.mean(not_grounded < t)))
+    for t in np.unique(np.round(np.concatenate([grounded[:, 0], not_grounded[:, 0]]), 3)):
+        for margin in MARGINS:
+            on, off = np.mean(kept(grounded, t, margin)), np.mean(~kept(not_grounded, t, margin))
+            if best is None or (on + off) / 2 > best[0] + 1e-9:
+                best = ((on + off) / 2, float(t), margin, float(on), float(off))
     return best
 
 
@@ -167,16 +181,17 @@ def main():
                      "description": description, **r})
     grid.sort(key=lambda g: -g["objective"])
     non_diagnosis = [q["input"] for q in tuning_part(NON_DIAGNOSIS)]
-    evidence_off = [kb.symptom_evidence(v) for v in knowledge.encode_messages(non_diagnosis)]
+    evidence_off = [evidence(kb, v) for v in knowledge.encode_messages(non_diagnosis)]
     evidence_on = [e for rs in rows.values() for _, _, _, e in rs]
-    accuracy, threshold, kept, left_out = best_threshold(evidence_on, evidence_off)
+    accuracy, threshold, margin, kept, left_out = best_grounding(evidence_on, evidence_off)
     current = {name: recall(rs, knowledge.LAY_NAMED_SYMPTOMS, knowledge.LAY_WEIGHTS["dense"],
                             knowledge.LAY_WEIGHTS["description"]) for name, rs in rows.items()}
     print(json.dumps({"questions": {k: len(v) for k, v in sets.items()} | {"non_diagnosis_tuning": len(non_diagnosis)},
                       "query map": query_map or "not refitted (--fit_query_map)", "best": grid[:5],
                       "knowledge.py now": current,
                       "without the lay path": {name: recall(rs, 0, 0, 0) for name, rs in rows.items()},
-                      "grounding": {"GROUND_MIN_EVIDENCE": round(threshold, 3), "balanced_accuracy": round(accuracy, 3),
+                      "grounding": {"GROUND_MIN_EVIDENCE": round(threshold, 3), "GROUND_MIN_MARGIN": margin,
+                                    "balanced_accuracy": round(accuracy, 3),
                                     "diagnosis questions grounded": round(kept, 3),
                                     "non-diagnosis questions left ungrounded": round(left_out, 3)}}, indent=1))
 

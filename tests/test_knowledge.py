@@ -406,6 +406,13 @@ def test_a_question_that_describes_no_symptom_is_not_grounded(lay_db, message):
     assert "not grounded" in retrieval.reason()
 
 
+def test_a_question_about_a_test_that_names_body_parts_is_not_grounded():
+    """Symptom-like words ("heart", "chest") but a test result: closer to the database's tests than its symptoms."""
+    retrieval = load_knowledge().retrieve("My chest CT scan report says there is a small nodule in my lung. What now?")
+    assert retrieval.describes_symptoms and not retrieval.more_symptoms_than_care and not retrieval.grounded
+    assert "about a test or a medicine" in retrieval.reason()
+
+
 def test_a_message_that_describes_symptoms_is_grounded(lay_db):
     retrieval = lay_db.retrieve("My big toe is red, hot and swollen and it hurts at night")
     assert retrieval.grounded and retrieval.used == retrieval.hits
