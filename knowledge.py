@@ -92,7 +92,8 @@ SCALED_SCORES = ("words", "phrases", "clauses")  # unbounded: divided by their b
 # data/lay_questions.json together (bench/tune_knowledge.py); GenMedGPT questions name 3 symptom names (median),
 # lay ones 1.
 LAY_NAMED_SYMPTOMS = 5
-LAY_WEIGHTS = {"words": 0.0, "phrases": 0.0, "clauses": 0.0, "title": WEIGHTS["title"], "dense": 3.0, "description": 3.0}
+LAY_WEIGHTS = {"words": 0.0, "phrases": 0.0, "clauses": 0.0, "title": WEIGHTS["title"], "dense": 3.0,
+               "description": 3.0}
 # A title that is also a word of a symptom name ("Burn": "Burning chest pain") is more often a symptom than the
 # disease named: "burning when passing urine" must not retrieve Burn first. Such titles count this much.
 AMBIGUOUS_TITLE = 0.25
