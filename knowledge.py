@@ -563,6 +563,15 @@ def encode_messages(messages):
     return out
 
 
+def best_cosine(encoded, names):
+    """The best cosine of a message or one of its clauses (encode_messages' pair) with the rows of `names`
+    (embedded names); None without names."""
+    if names is None:
+        return None
+    query_vector, clause_vectors = encoded
+    return float((np.vstack([query_vector[None, :], clause_vectors]) @ names.T).max())
+
+
 def read_query_map(path, dimension):
     """QUERY_MAP's square matrix, checked; DataError naming the file when it is not one of the encoder's size."""
     try:
@@ -722,18 +731,12 @@ class KnowledgeBase:
     def symptom_evidence(self, encoded):
         """How much the message describes symptoms: the best cosine of it or one of its clauses with a symptom
         name of the database (None when the knowledge base has none)."""
-        if self.symptom_embeddings is None:
-            return None
-        query_vector, clause_vectors = encoded
-        return float((np.vstack([query_vector[None, :], clause_vectors]) @ self.symptom_embeddings.T).max())
+        return best_cosine(encoded, self.symptom_embeddings)
 
     def care_evidence(self, encoded):
         """How much the message names a test or a medicine: the best cosine of it or one of its clauses with a test
         or medication name of the database (None when it has none)."""
-        if self.care_embeddings is None:
-            return None
-        query_vector, clause_vectors = encoded
-        return float((np.vstack([query_vector[None, :], clause_vectors]) @ self.care_embeddings.T).max())
+        return best_cosine(encoded, self.care_embeddings)
 
     def search(self, query, k=DEFAULT_K):
         """The k best entries for `query`, best first: [(entry, score)]."""
