@@ -54,18 +54,19 @@ def start_app(app_args, port, log_path):
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def wait_listening(process, port, log_path, timeout=600):
-    """Wait until the app accepts connections on `port`; RuntimeError with its log if it exits or never does."""
+def wait_listening(process, port, log_path, timeout=600, name="app.py"):
+    """Wait until `process` (app.py, or what `name` says) accepts connections on `port`; RuntimeError with its log
+    if it exits or never does."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{Path(log_path).read_text()[-3000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"app.py not listening on {port} after {timeout} s:\n{Path(log_path).read_text()[-3000:]}")
+    raise RuntimeError(f"{name} not listening on {port} after {timeout} s:\n{Path(log_path).read_text()[-3000:]}")
 
 
 def stop_app(process):

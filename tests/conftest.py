@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_app import wait_listening  # noqa: E402  (the one wait-until-listening loop; bench_app's processes too)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -255,8 +257,6 @@ def llama_server(tiny_gguf):
 
 
 MITMDUMP = "/usr/bin/mitmdump"
-needs_mitmproxy = pytest.mark.skipif(not os.access(MITMDUMP, os.X_OK),
-                                     reason=f"no {MITMDUMP}: apt-get install mitmproxy (make test does)")
 
 
 class FaultProxy:
@@ -286,22 +286,11 @@ class FaultProxy:
             command += ["--set", f"{name}={value}"]
         self.log = open(self.folder / "mitmdump.log", "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_listening(port)
-
-    def wait_listening(self, port, timeout=60):
-        import socket
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mitmdump exited: {(self.folder / 'mitmdump.log').read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.close()
-        raise RuntimeError(f"mitmdump does not listen on {port} after {timeout} s")
+        try:
+            wait_listening(self.process, port, self.folder / "mitmdump.log", timeout=60, name="mitmdump")
+        except RuntimeError:
+            self.close()
+            raise
 
     @property
     def requests(self):
@@ -311,13 +300,9 @@ class FaultProxy:
     def close(self):
         import shutil
 
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        import serve
+
+        serve.stop_engine(self.process)
         self.log.close()
         self.received = len(self.count_file.read_text().splitlines())
         shutil.rmtree(self.folder, ignore_errors=True)
