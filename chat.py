@@ -325,7 +325,8 @@ class Chat:
 
     def ground(self, message):
         """`message` with the knowledge entries retrieved for it: unchanged without --knowledge, or when the message
-        does not describe symptoms (knowledge.Retrieval.grounded; /sources still lists what was found)."""
+        does not describe symptoms or ask what is wrong (knowledge.Retrieval.grounded; /sources still lists what was
+        found and why it was left out)."""
         if self.knowledge is None:
             return message
         import knowledge

@@ -20,8 +20,8 @@ towards the two MiniLM scores (LAY_WEIGHTS), and the message's vector goes throu
 before its cosines with a disease table's entries; both fitted with a held-out part of each question set left
 alone (bench/tune_knowledge.py). MiniLM runs in ONNX Runtime, exported from the package's weights once per machine.
 `kb.retrieve(message)` also says whether the entries belong in the prompt: only when the message describes symptoms
-(GROUND_MIN_EVIDENCE); a question about a medicine or a test result is answered without them, and chat.py's
-Sources line says so.
+(GROUND_MIN_EVIDENCE) and asks what is wrong (INTENT, a fitted classifier); a question about a medicine, a test
+result or prevention is answered without them, and chat.py's Sources line says so.
 The index is cached in .cache/knowledge/<hash of the files' content>/ and rebuilt when a file changes.
 
 `--knowledge_mode original` is the released autonomous ChatDoctor verbatim (original_answer below): the model
@@ -110,8 +110,17 @@ QUERY_MAP = ROOT / "data" / "knowledge_query_map.npy"
 # sertraline?", "my ECG says sinus rhythm, rate 58") the model answers without them. Both are the best balanced
 # accuracy between diagnosis questions and the tuning part of data/non_diagnosis_questions.json
 # (bench/tune_knowledge.py). A knowledge base without symptom names (passages) always grounds.
-GROUND_MIN_EVIDENCE = 0.48
+GROUND_MIN_EVIDENCE = 0.455
 GROUND_MIN_MARGIN = 0.05
+# And the message must ask what is wrong. A question about a medicine, a test, prevention or a follow-up can still
+# describe a symptom ("can I crush my tablets, I find them hard to swallow"). A logistic regression on the message's
+# MiniLM vector, fitted on diagnosis questions (GenMedGPT training, lay tuning) against the tuning part of
+# data/non_diagnosis_questions.json, class-balanced, gives the probability that it does; below INTENT_MIN the entries
+# stay out. Its regularisation and INTENT_MIN: the best balanced accuracy of the whole rule in cross-validation on
+# those questions (bench/tune_knowledge.py --fit_intent).
+# Applied to disease tables only, like the query map.
+INTENT = ROOT / "data" / "knowledge_intent.npy"  # the classifier's weights, then its bias: dimension + 1 numbers
+INTENT_MIN = 0.4
 # A message cut into clauses, mostly one symptom each; a clause "matches" a symptom name from this cosine on.
 CLAUSE_SPLIT = re.compile(r"[.,;!?]|\band\b|\balso\b|\bbut\b|\bwith\b")
 CLAUSE_MATCH = 0.7
@@ -584,6 +593,19 @@ def read_query_map(path, dimension):
     return matrix.astype(np.float32, copy=False)
 
 
+def read_intent(path, dimension):
+    """INTENT's (weights, bias), checked; DataError naming the file when it is not dimension + 1 finite numbers."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the diagnosis-intent classifier ({str(e).strip()[:120]})") from None
+    if values.shape != (dimension + 1,) or not np.isfinite(values).all():
+        raise DataError(f"{path}: the diagnosis-intent classifier must be {dimension + 1} finite numbers "
+                        f"(weights, then bias), found shape {values.shape}")
+    values = values.astype(np.float32, copy=False)
+    return values[:dimension], float(values[dimension])
+
+
 def _scaled(scores):
     """Scores / the best one, so that unbounded ones add up with cosines on one scale."""
     top = scores.max() if len(scores) else 0.0
@@ -602,7 +624,7 @@ def top_indices(scores, k):
 class KnowledgeBase:
     """Entries and their indexes. `search(query, k)` ranks entries by the weighted sum of WEIGHTS' scores."""
 
-    def __init__(self, path, built=False, query_map=QUERY_MAP):
+    def __init__(self, path, built=False, query_map=QUERY_MAP, intent=INTENT):
         import bm25s
 
         path = Path(path)
@@ -629,6 +651,9 @@ class KnowledgeBase:
         self.query_map = None
         if query_map and self.symptom_matrix is not None:
             self.query_map = read_query_map(query_map, self.embeddings.shape[1])
+        self.intent = None
+        if intent and self.symptom_matrix is not None:
+            self.intent = read_intent(intent, self.embeddings.shape[1])
         self.dense_index = None
         if (path / "dense.faiss").is_file():
             import faiss
@@ -637,10 +662,10 @@ class KnowledgeBase:
 
     @classmethod
     def load(cls, spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, embed_texts=None, faiss_min_entries=FAISS_MIN_ENTRIES,
-             query_map=QUERY_MAP):
+             query_map=QUERY_MAP, intent=INTENT):
         """The knowledge base of a --knowledge spec; built once per content, then read from the cache.
         embed_texts, faiss_min_entries: build_index's (what a benchmark varies); query_map: QUERY_MAP's file, or None
-        for the message's own vector."""
+        for the message's own vector; intent: INTENT's file, or None to ground without asking it."""
         paths = parse_spec(spec)
         path = Path(cache_dir) / content_hash(paths, faiss_min_entries)
         remove_stale_temporaries(cache_dir, rf"{path.name}\.tmp(?P<pid>\d+)")  # left by a killed build
@@ -661,7 +686,7 @@ class KnowledgeBase:
                 os.replace(tmp, path)  # readers never see a half-built index
             except OSError:  # another process published the same index first
                 shutil.rmtree(tmp, ignore_errors=True)
-        return cls(path, built, query_map)
+        return cls(path, built, query_map, intent)
 
     def __len__(self):
         return len(self.entries)
@@ -738,6 +763,13 @@ class KnowledgeBase:
         or medication name of the database (None when it has none)."""
         return best_cosine(encoded, self.care_embeddings)
 
+    def diagnosis_intent(self, encoded):
+        """The probability that the message asks what is wrong (INTENT's classifier; None without one)."""
+        if self.intent is None:
+            return None
+        weights, bias = self.intent
+        return float(1 / (1 + np.exp(-(float(encoded[0] @ weights) + bias))))
+
     def search(self, query, k=DEFAULT_K):
         """The k best entries for `query`, best first: [(entry, score)]."""
         return self.search_batch([query], k)[0]
@@ -754,7 +786,8 @@ class KnowledgeBase:
         for query, encoded in zip(queries, encode_messages(queries)):
             scores = self.fused_scores(query, encoded)
             hits = [(self.entries[i], float(scores[i])) for i in top_indices(scores, k)]
-            results.append(Retrieval(hits, self.symptom_evidence(encoded), self.care_evidence(encoded)))
+            results.append(Retrieval(hits, self.symptom_evidence(encoded), self.care_evidence(encoded),
+                                     self.diagnosis_intent(encoded)))
         return results
 
 
@@ -764,6 +797,7 @@ class Retrieval:
     hits: list  # [(entry, score)], best first
     evidence: float = None  # KnowledgeBase.symptom_evidence; None: the knowledge base has no symptom names
     care: float = None  # KnowledgeBase.care_evidence; None: no test or medication names
+    intent: float = None  # KnowledgeBase.diagnosis_intent; None: no classifier
 
     @property
     def describes_symptoms(self):
@@ -774,8 +808,13 @@ class Retrieval:
         return self.care is None or self.evidence - self.care >= GROUND_MIN_MARGIN
 
     @property
+    def asks_what_is_wrong(self):
+        return self.intent is None or self.intent >= INTENT_MIN
+
+    @property
     def grounded(self):
-        return bool(self.hits) and (self.evidence is None or (self.describes_symptoms and self.more_symptoms_than_care))
+        return bool(self.hits) and (self.evidence is None or (self.describes_symptoms and self.more_symptoms_than_care
+                                                              and self.asks_what_is_wrong))
 
     @property
     def used(self):
@@ -789,10 +828,13 @@ class Retrieval:
             verdict = "grounded"
         elif not self.describes_symptoms:
             verdict = "not grounded: the message does not describe symptoms"
-        else:
+        elif not self.more_symptoms_than_care:
             verdict = "not grounded: the message is about a test or a medicine more than symptoms"
+        else:
+            verdict = "not grounded: the message asks about care (a medicine, a test, prevention) more than a diagnosis"
         care = "" if self.care is None else f"; test or medicine {self.care:.2f}, margin {GROUND_MIN_MARGIN:.2f}"
-        return f"{verdict} (symptom evidence {self.evidence:.2f}, threshold {GROUND_MIN_EVIDENCE:.2f}{care})"
+        intent = "" if self.intent is None else f"; diagnosis intent {self.intent:.2f}, threshold {INTENT_MIN:.2f}"
+        return f"{verdict} (symptom evidence {self.evidence:.2f}, threshold {GROUND_MIN_EVIDENCE:.2f}{care}{intent})"
 
 
 def load_knowledge(spec=DEFAULT_KNOWLEDGE, cache_dir=CACHE_DIR, **index_options):

@@ -14,7 +14,8 @@ same without the query map, WEIGHTS alone (the retriever before the lay path), r
 six scores, BM25 over words alone, MiniLM alone (the plain baseline) and MiniLM through the query map.
 
 Grounding: the share of messages whose entries would go into the prompt (knowledge.Retrieval.grounded) on the
-diagnosis sets and on both parts of data/non_diagnosis_questions.json. Latency: per message as chat.py calls
+diagnosis sets and on both parts of data/non_diagnosis_questions.json, with and without the diagnosis-intent
+classifier (knowledge.INTENT). Latency: per message as chat.py calls
 kb.retrieve, the fastest of --latency_repeats runs of each message (the CPU may be shared), then the median.
 
 Scale: 100k synthetic passages of 250 words (words drawn from the disease descriptions) as a JSONL source,
@@ -312,6 +313,7 @@ def main():
             for part in ("tuning", "heldout")}
     sets |= {split: [q for q, _ in labelled_questions(split, titles)] for split in ("heldout", "lay_tuning", "lay_heldout")}
     result["grounded_share"] = grounding_rates(kb, sets)
+    result["grounded_share_without_intent"] = grounding_rates(knowledge.load_knowledge(intent=None), sets)
     if not args.skip_scale:
         result["scale"] = scale_test(args.scale_passages, args.words_per_passage)
     print(json.dumps(result, indent=1))

@@ -2,6 +2,7 @@
 
     python bench/tune_knowledge.py                   # a few minutes on 2 cores (embeds ~400 messages)
     python bench/tune_knowledge.py --fit_query_map   # first refits data/knowledge_query_map.npy (~6 min more)
+    python bench/tune_knowledge.py --fit_intent      # also refits data/knowledge_intent.npy (seconds more)
 
 What it reads: 300 questions of the GenMedGPT training split (data/genmedgpt_train.json), the tuning part of
 data/lay_questions.json and the tuning part of data/non_diagnosis_questions.json (`"split": "tuning"`). The held-out
@@ -15,7 +16,12 @@ choice. What it chooses:
 - GROUND_MIN_EVIDENCE and GROUND_MIN_MARGIN: the symptom evidence (knowledge.KnowledgeBase.symptom_evidence) from
   which a message is grounded, and by how much it must exceed the test-or-medicine evidence (care_evidence): the
   pair with the best balanced accuracy between diagnosis questions (GenMedGPT and lay tuning) and the
-  non-diagnosis tuning questions.
+  non-diagnosis tuning questions;
+- with --fit_intent, knowledge.INTENT: a class-balanced logistic regression on the messages' MiniLM vectors,
+  diagnosis questions (the same ones) against the non-diagnosis tuning questions; its regularisation C (INTENT_GRID)
+  and knowledge.INTENT_MIN (INTENT_THRESHOLDS): the pair whose whole grounding rule (evidence, margin and intent)
+  has the best balanced accuracy in 10-fold cross-validation; the classifier is then fitted on all of them and
+  written.
 The values chosen are copied into knowledge.py by hand, with this command beside them.
 """
 import argparse
@@ -38,6 +44,9 @@ LAY = ROOT / "data" / "lay_questions.json"
 NON_DIAGNOSIS = ROOT / "data" / "non_diagnosis_questions.json"
 GRID = {"named": (1, 2, 3, 4, 5, 6), "dense": (1.0, 2.0, 3.0), "description": (0.5, 1.0, 1.5, 2.0, 3.0)}
 MAP_GRID = {"strength": (0.03, 0.1, 0.3, 1.0), "temperature": (0.05, 0.1)}
+INTENT_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # logistic regression's C (inverse regularisation)
+INTENT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)  # ascending: on a tie the lower one, which grounds more, is kept
+INTENT_FOLDS = 10
 
 
 def fit_query_map(vectors, answers, entry_matrices, strength, temperature, steps=200, seed=0):
@@ -97,6 +106,48 @@ def choose_query_map(kb, titles, fusion_questions, lay, out_path):
     np.save(out_path, best[1].astype(np.float32))
     return {"fitted_on_questions": len(fit_pairs), "chosen": best[2], "written": str(out_path),
             "grid (lay tuning, map's cosines alone; strength None = no map)": grid}
+
+
+def fit_intent(vectors, asks_diagnosis, c):
+    """knowledge.INTENT's numbers: a class-balanced logistic regression of asks_diagnosis (bool per message) on the
+    message vectors; the weights, then the bias."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(vectors, asks_diagnosis)
+    return np.append(model.coef_[0], model.intercept_[0]).astype(np.float32)
+
+
+def intent_probability(values, vectors):
+    return 1 / (1 + np.exp(-(vectors @ values[:-1] + values[-1])))
+
+
+def choose_intent(vectors, asks_diagnosis, rule_grounds, out_path):
+    """Per INTENT_GRID C and INTENT_THRESHOLDS threshold: the balanced accuracy, in stratified cross-validation, of
+    grounding a message when rule_grounds (evidence and margin) and its held-out-fold intent >= the threshold (ties:
+    the lower threshold, which grounds more). The best C is refitted on every message and written to out_path; the
+    threshold is knowledge.INTENT_MIN's."""
+    from sklearn.model_selection import StratifiedKFold
+
+    asks_diagnosis, rule_grounds = np.asarray(asks_diagnosis), np.asarray(rule_grounds)
+
+    def row(grounds):
+        kept, left_out = float(np.mean(grounds[asks_diagnosis])), float(np.mean(~grounds[~asks_diagnosis]))
+        return {"balanced_accuracy": round((kept + left_out) / 2, 4), "diagnosis questions grounded": round(kept, 3),
+                "non-diagnosis questions left ungrounded": round(left_out, 3)}
+
+    folds = list(StratifiedKFold(INTENT_FOLDS, shuffle=True, random_state=0).split(vectors, asks_diagnosis))
+    grid, best = [], None
+    for c in INTENT_GRID:
+        probability = np.zeros(len(vectors))
+        for train, test in folds:
+            probability[test] = intent_probability(fit_intent(vectors[train], asks_diagnosis[train], c), vectors[test])
+        for threshold in INTENT_THRESHOLDS:
+            grid.append({"C": c, "INTENT_MIN": threshold, **row(rule_grounds & (probability >= threshold))})
+            if best is None or grid[-1]["balanced_accuracy"] > best["balanced_accuracy"] + 1e-9:
+                best = grid[-1]
+    np.save(out_path, fit_intent(vectors, asks_diagnosis, best["C"]))
+    return {"written": str(out_path), "chosen": best, f"grid ({INTENT_FOLDS}-fold cross-validation)": grid,
+            "without intent": row(rule_grounds)}
 
 
 def tuning_part(path):
@@ -163,15 +214,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_limit", type=int, default=300)
     p.add_argument("--fit_query_map", action="store_true", help="refit knowledge.QUERY_MAP first (see above)")
+    p.add_argument("--fit_intent", action="store_true", help="refit knowledge.INTENT (see above)")
     args = p.parse_args()
-    kb = knowledge.load_knowledge(query_map=None if args.fit_query_map else knowledge.QUERY_MAP)
+    kb = knowledge.load_knowledge(query_map=None if args.fit_query_map else knowledge.QUERY_MAP, intent=None)
     titles = [e.title for e in kb.entries]
     sets = {"genmedgpt_train": labelled_questions("train", titles, limit=args.train_limit),
             "lay_tuning": lay_pairs(tuning_part(LAY), titles)}
     query_map = None
     if args.fit_query_map:
         query_map = choose_query_map(kb, titles, sets["genmedgpt_train"], sets["lay_tuning"], knowledge.QUERY_MAP)
-        kb = knowledge.load_knowledge()
+        kb = knowledge.load_knowledge(intent=None)
     rows = {name: scored(kb, pairs) for name, pairs in sets.items()}
     grid = []
     for n, dense, description in itertools.product(*GRID.values()):
@@ -184,6 +236,14 @@ def main():
     evidence_off = [evidence(kb, v) for v in knowledge.encode_messages(non_diagnosis)]
     evidence_on = [e for rs in rows.values() for _, _, _, e in rs]
     accuracy, threshold, margin, kept, left_out = best_grounding(evidence_on, evidence_off)
+    intent = "not refitted (--fit_intent)"
+    if args.fit_intent:
+        diagnosis = [q for pairs in sets.values() for q, _ in pairs]
+        evidence_all = np.array(evidence_on + evidence_off, dtype=float)
+        rule = (evidence_all[:, 0] >= knowledge.GROUND_MIN_EVIDENCE) & (
+            evidence_all[:, 0] - evidence_all[:, 1] >= knowledge.GROUND_MIN_MARGIN)
+        intent = choose_intent(knowledge.embed(diagnosis + non_diagnosis),
+                               [True] * len(diagnosis) + [False] * len(non_diagnosis), rule, knowledge.INTENT)
     current = {name: recall(rs, knowledge.LAY_NAMED_SYMPTOMS, knowledge.LAY_WEIGHTS["dense"],
                             knowledge.LAY_WEIGHTS["description"]) for name, rs in rows.items()}
     print(json.dumps({"questions": {k: len(v) for k, v in sets.items()} | {"non_diagnosis_tuning": len(non_diagnosis)},
@@ -193,7 +253,9 @@ def main():
                       "grounding": {"GROUND_MIN_EVIDENCE": round(threshold, 3), "GROUND_MIN_MARGIN": margin,
                                     "balanced_accuracy": round(accuracy, 3),
                                     "diagnosis questions grounded": round(kept, 3),
-                                    "non-diagnosis questions left ungrounded": round(left_out, 3)}}, indent=1))
+                                    "non-diagnosis questions left ungrounded": round(left_out, 3)},
+                      "diagnosis intent (with knowledge.py's GROUND_MIN_EVIDENCE and GROUND_MIN_MARGIN)": intent},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -394,6 +394,43 @@ def test_the_query_map_brings_lay_messages_to_their_disease():
     assert found(load_knowledge()) >= found(load_knowledge(query_map=None)) + 0.05 * len(records)
 
 
+# ----------------------------------------------------------------------------- the diagnosis-intent classifier
+
+def test_fit_intent_learns_which_messages_ask_for_a_diagnosis_and_choose_intent_writes_it(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    vectors = rng.normal(size=(200, 16)).astype(np.float32)
+    asks = vectors @ direction > 0.5  # imbalanced, as diagnosis questions outnumber the others
+    values = tune_knowledge.fit_intent(vectors, asks, c=10.0)
+    assert values.shape == (17,) and values.dtype == np.float32
+    assert np.mean((tune_knowledge.intent_probability(values, vectors) >= 0.5) == asks) > 0.95
+    out = tmp_path / "intent.npy"
+    report = tune_knowledge.choose_intent(vectors, asks, np.ones(200, dtype=bool), out)
+    assert report["chosen"]["balanced_accuracy"] > 0.9 and np.load(out).shape == (17,)
+
+
+def test_the_intent_classifier_applies_to_disease_tables_only(tmp_path):
+    table = load_knowledge(str(write(tmp_path / "db.csv", first_rows(5))), cache_dir=tmp_path / "cache")
+    weights, bias = table.intent
+    assert weights.shape == (384,) and isinstance(bias, float)
+    notes = load_knowledge(str(write(tmp_path / "notes.jsonl", '{"title": "Gout", "text": "A red big toe."}\n')),
+                           cache_dir=tmp_path / "cache")
+    assert notes.intent is None and notes.retrieve("what does a statin do?", k=1).intent is None
+
+
+@pytest.mark.parametrize("content", [b"not a numpy file", None])
+def test_a_bad_intent_file_is_one_line_naming_the_file(tmp_path, content):
+    import numpy as np
+
+    bad = tmp_path / "intent.npy"
+    bad.write_bytes(content) if content else np.save(bad, np.ones(384))  # the bias is missing
+    with pytest.raises(DataError) as error:
+        load_knowledge(str(write(tmp_path / "db.csv", first_rows(3))), cache_dir=tmp_path / "cache", intent=bad)
+    assert str(bad) in str(error.value) and "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------- when not to ground
 
 @pytest.mark.parametrize("message", ["Is it safe to take ibuprofen with my sertraline?",
@@ -411,6 +448,24 @@ def test_a_question_about_a_test_that_names_body_parts_is_not_grounded():
     retrieval = load_knowledge().retrieve("My chest CT scan report says there is a small nodule in my lung. What now?")
     assert retrieval.describes_symptoms and not retrieval.more_symptoms_than_care and not retrieval.grounded
     assert "about a test or a medicine" in retrieval.reason()
+
+
+def test_a_question_about_care_that_names_a_symptom_is_left_out_by_the_intent_classifier():
+    """It describes a symptom (hard to swallow) and names no test or medicine, so evidence and margin would ground
+    it; it asks how to take tablets, not what is wrong."""
+    message = "can I crush my tablets, I find them hard to swallow"
+    retrieval = load_knowledge().retrieve(message)
+    assert retrieval.describes_symptoms and retrieval.more_symptoms_than_care
+    assert not retrieval.asks_what_is_wrong and not retrieval.grounded and retrieval.used == []
+    assert "asks about care" in retrieval.reason() and "diagnosis intent" in retrieval.reason()
+    assert load_knowledge(intent=None).retrieve(message).grounded
+
+
+@pytest.mark.parametrize("message", ["My throat is really sore, it hurts to swallow and there are white patches",
+                                     "i worry about everything all the time, cant switch off and cant sleep"])
+def test_a_patient_asking_what_is_wrong_passes_the_intent_classifier(message):
+    retrieval = load_knowledge().retrieve(message)
+    assert retrieval.intent >= knowledge.INTENT_MIN and retrieval.grounded
 
 
 def test_a_message_that_describes_symptoms_is_grounded(lay_db):
