@@ -606,6 +606,12 @@ def read_intent(path, dimension):
     return values[:dimension], float(values[dimension])
 
 
+def intent_probability(weights, bias, vectors):
+    """INTENT's logistic regression: the probability that each message (a vector, or rows of them) asks what is
+    wrong."""
+    return 1 / (1 + np.exp(-(vectors @ weights + bias)))
+
+
 def _scaled(scores):
     """Scores / the best one, so that unbounded ones add up with cosines on one scale."""
     top = scores.max() if len(scores) else 0.0
@@ -767,8 +773,7 @@ class KnowledgeBase:
         """The probability that the message asks what is wrong (INTENT's classifier; None without one)."""
         if self.intent is None:
             return None
-        weights, bias = self.intent
-        return float(1 / (1 + np.exp(-(float(encoded[0] @ weights) + bias))))
+        return float(intent_probability(*self.intent, encoded[0]))
 
     def search(self, query, k=DEFAULT_K):
         """The k best entries for `query`, best first: [(entry, score)]."""

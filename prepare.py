@@ -95,8 +95,8 @@ RETRIEVAL_TRAIN = ROOT / "data" / "genmedgpt_train_retrieval.json"
 def make_retrieval_data(source=ROOT / "data" / "genmedgpt_train.json", out=RETRIEVAL_TRAIN, spec=None, k=None):
     """The stage-2 training set of a retrieval-tuned ChatDoctor: every input is the patient's message followed by
     the entries retrieved for that message alone, exactly as chat.py and eval.py ground it at answer time (none when
-    the message describes no symptom or does not ask what is wrong: knowledge.Retrieval.grounded). The retriever's real misses stay in, so the model learns to use good
-    context and to get by without it."""
+    the message describes no symptom or does not ask what is wrong: knowledge.Retrieval.grounded). The retriever's
+    real misses stay in, so the model learns to use good context and to get by without it."""
     from tqdm import tqdm
 
     import knowledge

@@ -117,10 +117,6 @@ def fit_intent(vectors, asks_diagnosis, c):
     return np.append(model.coef_[0], model.intercept_[0]).astype(np.float32)
 
 
-def intent_probability(values, vectors):
-    return 1 / (1 + np.exp(-(vectors @ values[:-1] + values[-1])))
-
-
 def choose_intent(vectors, asks_diagnosis, rule_grounds, out_path):
     """Per INTENT_GRID C and INTENT_THRESHOLDS threshold: the balanced accuracy, in stratified cross-validation, of
     grounding a message when rule_grounds (evidence and margin) and its held-out-fold intent >= the threshold (ties:
@@ -140,7 +136,8 @@ def choose_intent(vectors, asks_diagnosis, rule_grounds, out_path):
     for c in INTENT_GRID:
         probability = np.zeros(len(vectors))
         for train, test in folds:
-            probability[test] = intent_probability(fit_intent(vectors[train], asks_diagnosis[train], c), vectors[test])
+            values = fit_intent(vectors[train], asks_diagnosis[train], c)
+            probability[test] = knowledge.intent_probability(values[:-1], values[-1], vectors[test])
         for threshold in INTENT_THRESHOLDS:
             grid.append({"C": c, "INTENT_MIN": threshold, **row(rule_grounds & (probability >= threshold))})
             if best is None or grid[-1]["balanced_accuracy"] > best["balanced_accuracy"] + 1e-9:
@@ -161,11 +158,12 @@ def lay_pairs(records, titles):
 
 
 def scored(kb, pairs):
-    """Per question: its components, how many symptom names it names, and its symptom evidence."""
+    """Per question: its components, how many symptom names it names, its (symptom, care) evidence and its MiniLM
+    vector."""
     out = []
     for (q, right), encoded in zip(pairs, knowledge.encode_messages([q for q, _ in pairs])):
         named = len(kb.named_symptoms(set(knowledge.tokenize([q])[0])))
-        out.append((right, kb.component_scores(q, encoded), named, evidence(kb, encoded)))
+        out.append((right, kb.component_scores(q, encoded), named, evidence(kb, encoded), encoded[0]))
     return out
 
 
@@ -182,7 +180,7 @@ def fused(components, w):
 
 def recall(rows, n, dense, description):
     ranks = np.array([rank_of_best(fused(c, weights(named, n, dense, description)), right)
-                      for right, c, named, _ in rows])
+                      for right, c, named, _, _ in rows])
     return {f"recall@{k}": round(float(np.mean(ranks < k)), 3) for k in (1, 3, 5, 10)}
 
 
@@ -193,18 +191,22 @@ def evidence(kb, encoded):
     return kb.symptom_evidence(encoded), kb.care_evidence(encoded)
 
 
+def grounds_by_evidence(rows, threshold, margin):
+    """Per message (a row of symptom evidence, care evidence): whether evidence and margin would ground it
+    (knowledge.Retrieval's describes_symptoms and more_symptoms_than_care; margin None: care not looked at)."""
+    return (rows[:, 0] >= threshold) & (True if margin is None else rows[:, 0] - rows[:, 1] >= margin)
+
+
 def best_grounding(grounded, not_grounded):
     """The (threshold, margin) with the best balanced accuracy (ties: the lower threshold, which grounds more).
     Each message: (symptom evidence, care evidence)."""
     grounded, not_grounded = np.asarray(grounded, dtype=float), np.asarray(not_grounded, dtype=float)
 
-    def kept(rows, t, margin):
-        return (rows[:, 0] >= t) & (True if margin is None else rows[:, 0] - rows[:, 1] >= margin)
-
     best = None
     for t in np.unique(np.round(np.concatenate([grounded[:, 0], not_grounded[:, 0]]), 3)):
         for margin in MARGINS:
-            on, off = np.mean(kept(grounded, t, margin)), np.mean(~kept(not_grounded, t, margin))
+            on = np.mean(grounds_by_evidence(grounded, t, margin))
+            off = np.mean(~grounds_by_evidence(not_grounded, t, margin))
             if best is None or (on + off) / 2 > best[0] + 1e-9:
                 best = ((on + off) / 2, float(t), margin, float(on), float(off))
     return best
@@ -233,17 +235,17 @@ def main():
                      "description": description, **r})
     grid.sort(key=lambda g: -g["objective"])
     non_diagnosis = [q["input"] for q in tuning_part(NON_DIAGNOSIS)]
-    evidence_off = [evidence(kb, v) for v in knowledge.encode_messages(non_diagnosis)]
-    evidence_on = [e for rs in rows.values() for _, _, _, e in rs]
+    encoded_off = knowledge.encode_messages(non_diagnosis)
+    evidence_off = [evidence(kb, v) for v in encoded_off]
+    evidence_on = [e for rs in rows.values() for _, _, _, e, _ in rs]
     accuracy, threshold, margin, kept, left_out = best_grounding(evidence_on, evidence_off)
     intent = "not refitted (--fit_intent)"
     if args.fit_intent:
-        diagnosis = [q for pairs in sets.values() for q, _ in pairs]
-        evidence_all = np.array(evidence_on + evidence_off, dtype=float)
-        rule = (evidence_all[:, 0] >= knowledge.GROUND_MIN_EVIDENCE) & (
-            evidence_all[:, 0] - evidence_all[:, 1] >= knowledge.GROUND_MIN_MARGIN)
-        intent = choose_intent(knowledge.embed(diagnosis + non_diagnosis),
-                               [True] * len(diagnosis) + [False] * len(non_diagnosis), rule, knowledge.INTENT)
+        vectors = np.array([v for rs in rows.values() for *_, v in rs] + [v for v, _ in encoded_off])
+        rule = grounds_by_evidence(np.array(evidence_on + evidence_off, dtype=float), knowledge.GROUND_MIN_EVIDENCE,
+                                   knowledge.GROUND_MIN_MARGIN)
+        intent = choose_intent(vectors, [True] * len(evidence_on) + [False] * len(evidence_off), rule,
+                               knowledge.INTENT)
     current = {name: recall(rs, knowledge.LAY_NAMED_SYMPTOMS, knowledge.LAY_WEIGHTS["dense"],
                             knowledge.LAY_WEIGHTS["description"]) for name, rs in rows.items()}
     print(json.dumps({"questions": {k: len(v) for k, v in sets.items()} | {"non_diagnosis_tuning": len(non_diagnosis)},
