@@ -581,28 +581,28 @@ def best_cosine(encoded, names):
     return float((np.vstack([query_vector[None, :], clause_vectors]) @ names.T).max())
 
 
-def read_query_map(path, dimension):
-    """QUERY_MAP's square matrix, checked; DataError naming the file when it is not one of the encoder's size."""
-    try:
-        matrix = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the knowledge query map ({str(e).strip()[:120]})") from None
-    if matrix.shape != (dimension, dimension) or not np.isfinite(matrix).all():
-        raise DataError(f"{path}: the knowledge query map must be a finite {dimension}x{dimension} matrix, "
-                        f"found shape {matrix.shape}")
-    return matrix.astype(np.float32, copy=False)
-
-
-def read_intent(path, dimension):
-    """INTENT's (weights, bias), checked; DataError naming the file when it is not dimension + 1 finite numbers."""
+def read_fitted_array(path, shape, what, expected):
+    """A fitted array that knowledge.py reads (QUERY_MAP, INTENT) as float32, checked; DataError naming the file when
+    it cannot be read or is not of `shape` and finite (`what`: the array's name; `expected`: its form, in words)."""
     try:
         values = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the diagnosis-intent classifier ({str(e).strip()[:120]})") from None
-    if values.shape != (dimension + 1,) or not np.isfinite(values).all():
-        raise DataError(f"{path}: the diagnosis-intent classifier must be {dimension + 1} finite numbers "
-                        f"(weights, then bias), found shape {values.shape}")
-    values = values.astype(np.float32, copy=False)
+        raise DataError(f"{path}: cannot read the {what} ({str(e).strip()[:120]})") from None
+    if values.shape != shape or not np.isfinite(values).all():
+        raise DataError(f"{path}: the {what} must be {expected}, found shape {values.shape}")
+    return values.astype(np.float32, copy=False)
+
+
+def read_query_map(path, dimension):
+    """QUERY_MAP's square matrix of the encoder's size."""
+    return read_fitted_array(path, (dimension, dimension), "knowledge query map",
+                             f"a finite {dimension}x{dimension} matrix")
+
+
+def read_intent(path, dimension):
+    """INTENT's (weights, bias): dimension + 1 numbers."""
+    values = read_fitted_array(path, (dimension + 1,), "diagnosis-intent classifier",
+                               f"{dimension + 1} finite numbers (weights, then bias)")
     return values[:dimension], float(values[dimension])
 
 
